@@ -1,0 +1,299 @@
+"""One request, end to end: video -> vision features -> compression -> streamed generation with per-step traces."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Cache, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from dycoke.config import DyCokeConfig
+from dycoke.limits import MAX_FRAMES, check_frames, check_new_tokens, check_question_tokens, clean_question
+from dycoke.methods import Method, VisualLayout, get_method
+from dycoke.metrics import Clock, RequestTimes, cache_bytes, peak_memory_bytes, reset_peak_memory
+from dycoke.models import LoadedModel
+from dycoke.pruning import DyCokeCache
+from dycoke.video import VideoClip, load_video, to_pixel_values
+
+SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    step: int
+    kept_per_frame: list[int]
+    reselected: bool
+
+
+@dataclass(frozen=True)
+class Result:
+    answer: str
+    model: str
+    method: str
+    config: dict
+    metrics: dict
+    trace: dict
+    token_ids: list[int] = field(default_factory=list, compare=False)
+
+    def to_dict(self) -> dict:
+        """The CLI's JSON contract (DESIGN.md §4)."""
+        contract = asdict(self)
+        del contract["token_ids"]
+        return contract
+
+
+Event = TextDelta | StepTrace | Result
+
+
+@dataclass
+class Prepared:
+    """Everything generation needs, built before the first token."""
+
+    embeds: torch.Tensor
+    cache: Cache
+    keep_mask: torch.Tensor
+    ttm_kept_per_frame: list[int]
+    times: RequestTimes
+
+
+class Pipeline:
+    """Holds one loaded model and runs requests on it; all per-request state lives in the request's own objects."""
+
+    def __init__(self, loaded: LoadedModel, max_frames: int = MAX_FRAMES) -> None:
+        self.loaded = loaded
+        self.max_frames = max_frames
+        self.clock = Clock(loaded.device)
+
+    def load_video(self, path: str | Path, num_frames: int = 32) -> VideoClip:
+        return load_video(path, check_frames(num_frames, self.max_frames))
+
+    def answer(self, video: str | Path | VideoClip, question: str, **options) -> Result:
+        """Run a request to the end and return its result."""
+        for event in self.stream(video, question, **options):
+            if isinstance(event, Result):
+                return event
+        raise RuntimeError("generation ended without a result")
+
+    def stream(
+        self,
+        video: str | Path | VideoClip,
+        question: str,
+        method: str = "dycoke",
+        config: DyCokeConfig | None = None,
+        max_new_tokens: int = 64,
+        ignore_eos: bool = False,
+        num_frames: int = 32,
+        progress: Progress | None = None,
+    ) -> Iterator[Event]:
+        """Yield text deltas and one StepTrace per decoding step while generating, then the Result."""
+        chosen = get_method(method)
+        settings = chosen.effective_config(config or DyCokeConfig())
+        settings.check_layers(self.loaded.num_layers)
+        check_new_tokens(max_new_tokens)
+        prompt = encode_prompt(self.loaded.tokenizer, question)
+        report = progress or (lambda fraction, message: None)
+
+        if not isinstance(video, VideoClip):
+            report(0.0, "decoding video")
+        clip = video if isinstance(video, VideoClip) else self.load_video(video, num_frames)
+        times = RequestTimes(decode_video_s=clip.decode_seconds)
+        report(0.3, "encoding frames")
+        with torch.inference_mode():
+            prepared = self.prepare(clip, prompt, chosen, settings, times)
+        report(0.5, "generating")
+        yield from self._generate(prepared, clip, chosen, settings, max_new_tokens, ignore_eos)
+
+    def prepare(self, clip: VideoClip, prompt: tuple[list[int], list[int]], method: Method,
+                settings: DyCokeConfig, times: RequestTimes | None = None) -> Prepared:
+        """Vision features, compression and the prompt embeddings: everything up to the first generate call."""
+        times = times or RequestTimes()
+        device = self.loaded.device
+        reset_peak_memory(device)
+        model = self.loaded.model
+        times.vision_start = self.clock.now()
+        frame_tokens, newline = self._vision_features(clip)
+        times.vision_end = self.clock.now()
+        keep_mask = method.keep_mask(frame_tokens, settings)
+        kept_tokens = frame_tokens[keep_mask]
+        embed = model.get_input_embeddings()
+        prefix, suffix = (torch.tensor([ids], device=embed.weight.device) for ids in prompt)
+        embeds = torch.cat(
+            [embed(prefix), kept_tokens[None].to(embed.weight.device), newline[None, None], embed(suffix)], dim=1
+        )
+        layout = VisualLayout(
+            start=len(prompt[0]),
+            frame_of_token=keep_mask.nonzero()[:, 0],
+            num_frames=clip.num_frames,
+        )
+        cache = method.make_cache(layout, settings)
+        ttm_kept_per_frame = keep_mask.sum(dim=1).tolist()
+        times.compress_end = self.clock.now()
+        return Prepared(embeds, cache, keep_mask, ttm_kept_per_frame, times)
+
+    def _vision_features(self, clip: VideoClip) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.loaded.model
+        vision = model.model.vision_tower
+        pixels = to_pixel_values(clip.frames, self.loaded.image_size)
+        pixels = pixels.to(device=next(vision.parameters()).device, dtype=self.loaded.dtype)
+        features = model.get_video_features(
+            pixel_values_videos=pixels[None],
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        ).pooler_output[0]
+        frame_tokens = features[:-1].view(clip.num_frames, self.loaded.tokens_per_frame, -1)
+        return frame_tokens, features[-1]
+
+    def _generate(self, prepared: Prepared, clip: VideoClip, method: Method, settings: DyCokeConfig,
+                  max_new_tokens: int, ignore_eos: bool) -> Iterator[Event]:
+        events: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+        streamer = _TraceStreamer(self.loaded.tokenizer, prepared, self.clock, events)
+        worker = threading.Thread(
+            target=self._run_generate,
+            args=(prepared, streamer, max_new_tokens, ignore_eos, cancelled, events),
+            name="dycoke-generate",
+            daemon=True,
+        )
+        worker.start()
+        try:
+            while (event := events.get()) is not _DONE:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            cancelled.set()
+            worker.join()
+        yield self._result(prepared, clip, method, settings, streamer)
+
+    def _run_generate(self, prepared: Prepared, streamer: "_TraceStreamer", max_new_tokens: int,
+                      ignore_eos: bool, cancelled: threading.Event, events: queue.Queue) -> None:
+        try:
+            generation = self.loaded.model.generation_config
+            stop_ids = None if ignore_eos else generation.eos_token_id
+            with torch.inference_mode():
+                prepared.times.generate_start = self.clock.now()
+                self.loaded.model.generate(
+                    inputs_embeds=prepared.embeds,
+                    attention_mask=torch.ones(prepared.embeds.shape[:2], dtype=torch.long,
+                                              device=prepared.embeds.device),
+                    past_key_values=prepared.cache,
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=max_new_tokens if ignore_eos else 0,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    eos_token_id=stop_ids,
+                    pad_token_id=generation.pad_token_id or self.loaded.tokenizer.pad_token_id,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+                )
+        except BaseException as error:  # handed to the consumer, which re-raises it in its own thread
+            events.put(error)
+        finally:
+            events.put(_DONE)
+
+    def _result(self, prepared: Prepared, clip: VideoClip, method: Method, settings: DyCokeConfig,
+                streamer: "_TraceStreamer") -> Result:
+        cache = prepared.cache
+        steps = streamer.steps
+        visual_after_ttm = int(prepared.keep_mask.sum())
+        attended = [sum(step.kept_per_frame) for step in steps]
+        metrics = prepared.times.metrics() | {
+            "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
+            "kv_cache_bytes": cache_bytes(cache),
+            "visual_tokens_in": int(prepared.keep_mask.numel()),
+            "visual_tokens_after_ttm": visual_after_ttm,
+            "visual_tokens_attended_mean": sum(attended) / len(attended) if attended else float(visual_after_ttm),
+            "reselections": cache.reselections if isinstance(cache, DyCokeCache) else 0,
+        }
+        trace = {
+            "frames": clip.num_frames,
+            "tokens_per_frame": self.loaded.tokens_per_frame,
+            "frame_times_s": [round(t, 4) for t in clip.timestamps],
+            "ttm_kept_per_frame": prepared.ttm_kept_per_frame,
+            "ttm_keep_mask": prepared.keep_mask.int().tolist(),
+            "steps": [{"kept_per_frame": s.kept_per_frame, "reselected": s.reselected} for s in steps],
+        }
+        return Result(streamer.text, self.loaded.name, method.name, settings.to_dict(), metrics, trace,
+                      streamer.token_ids)
+
+
+_DONE = object()
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generation when the consumer of the stream went away."""
+
+    def __init__(self, cancelled: threading.Event) -> None:
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _TraceStreamer(BaseStreamer):
+    """Receives each new token from generate: times it, decodes the text delta, and records the step's trace."""
+
+    def __init__(self, tokenizer, prepared: Prepared, clock: Clock, events: queue.Queue) -> None:
+        self.tokenizer = tokenizer
+        self.prepared = prepared
+        self.clock = clock
+        self.events = events
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.steps: list[StepTrace] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate first hands over the prompt ids (empty with inputs_embeds)
+            self._prompt_seen = True
+            return
+        self.prepared.times.token_times.append(self.clock.now())
+        self.token_ids.extend(value.reshape(-1).tolist())
+        self._emit_text()
+        if len(self.token_ids) > 1:
+            self._emit_step()
+
+    def end(self) -> None:
+        self._emit_text(final=True)
+
+    def _emit_text(self, final: bool = False) -> None:
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:  # half of a multi-byte character: wait for the rest
+            return
+        if len(text) > len(self.text) and text.startswith(self.text):
+            self.events.put(TextDelta(text[len(self.text):]))
+        self.text = text
+
+    def _emit_step(self) -> None:
+        cache = self.prepared.cache
+        index = len(self.steps)
+        if isinstance(cache, DyCokeCache) and cache.pruning:
+            record = cache.steps[index]
+            step = StepTrace(index + 1, record.kept_per_frame, record.reselected)
+        else:
+            step = StepTrace(index + 1, self.prepared.ttm_kept_per_frame, False)
+        self.steps.append(step)
+        self.events.put(step)
+
+
+def encode_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the video; user text can never become chat-template special tokens."""
+    cleaned = clean_question(question)
+    question_ids = tokenizer(cleaned, add_special_tokens=False, split_special_tokens=True).input_ids
+    check_question_tokens(len(question_ids))
+    template = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    return template(SYSTEM_TURN), template("\n") + question_ids + template(ASSISTANT_TURN)
