@@ -1,0 +1,5 @@
+import sys
+
+from dycoke.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""`python -m dycoke answer VIDEO "QUESTION" ...`: one request from the command line (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from dycoke.config import ConfigError, DyCokeConfig
+from dycoke.limits import MAX_FRAMES, RequestError, check_frames, check_new_tokens, clean_question
+from dycoke.methods import method_names
+from dycoke.video import VideoError, load_video
+
+TINY_NOTICE = "note: the 'tiny' model has random weights; its answers are meaningless (token counts and timings are real)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dycoke", description="DyCoke token compression for video LLMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    answer = commands.add_parser("answer", help="answer a question about a video")
+    answer.add_argument("video", help="path to a video file")
+    answer.add_argument("question", help="the question to ask about the video")
+    answer.add_argument("--model", default="tiny", help="tiny, a Hugging Face Hub id or a local path (default: tiny)")
+    answer.add_argument("--method", default="dycoke", choices=method_names(), help="compression method")
+    answer.add_argument("--frames", type=int, default=32, help=f"frames sampled uniformly, 1..{MAX_FRAMES}")
+    answer.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens")
+    answer.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    defaults = DyCokeConfig()
+    answer.add_argument("--merge-ratio", type=float, default=defaults.merge_ratio, help="K: TTM merge ratio, [0, 1)")
+    answer.add_argument("--window", type=int, default=defaults.window, help="W: TTM window, a power of two")
+    answer.add_argument("--prune-layer", type=int, default=defaults.prune_layer, help="L: first pruned layer")
+    answer.add_argument("--prune-ratio", type=float, default=defaults.prune_ratio, help="P: DP prune ratio, [0, 1)")
+    answer.add_argument("--threshold", type=float, default=defaults.reselect_threshold,
+                        help="tau: reselect when attention drifts below this cosine similarity, [-1, 1]")
+    answer.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    answer.add_argument("--json", action="store_true", help="print one JSON object with answer, metrics and trace")
+    return parser
+
+
+def run_answer(args: argparse.Namespace) -> int:
+    config = DyCokeConfig(
+        merge_ratio=args.merge_ratio,
+        window=args.window,
+        prune_layer=args.prune_layer,
+        prune_ratio=args.prune_ratio,
+        reselect_threshold=args.threshold,
+    )
+    clean_question(args.question)
+    check_new_tokens(args.max_new_tokens)
+    clip = load_video(args.video, check_frames(args.frames))
+
+    from dycoke.models import ModelLoadError, load  # heavy imports once the cheap checks have passed
+    from dycoke.pipeline import Pipeline, TextDelta
+
+    try:
+        pipeline = Pipeline(load(args.model, device=args.device))
+    except ModelLoadError as error:
+        raise RequestError(str(error)) from error
+    options = dict(method=args.method, config=config, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+    if args.json:
+        print(json.dumps(pipeline.answer(clip, args.question, **options).to_dict()))
+        return 0
+    for event in pipeline.stream(clip, args.question, **options):
+        if isinstance(event, TextDelta):
+            print(event.text, end="", flush=True)
+    print()
+    if pipeline.loaded.is_random:
+        print(TINY_NOTICE, file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return run_answer(args)
+    except (ConfigError, RequestError, VideoError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
