@@ -1,0 +1,55 @@
+"""Shared fixtures: the tiny model loaded once, a synthetic clip, and the path of the real test videos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dycoke.video import VideoClip
+
+SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
+
+
+@pytest.fixture(scope="session")
+def shared_videos() -> Path:
+    if not SHARED_VIDEOS.is_dir():
+        pytest.skip(f"{SHARED_VIDEOS} is absent: the real test media are not present on this machine")
+    return SHARED_VIDEOS
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from dycoke.models import load
+
+    return load("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny):
+    from dycoke.pipeline import Pipeline
+
+    return Pipeline(tiny)
+
+
+def moving_square_clip(num_frames: int, size: int = 96, seed: int = 0) -> VideoClip:
+    """A noisy background with a bright square moving right: frames differ a little, and in known places."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+    frames = np.repeat(background[None], num_frames, axis=0)
+    for t in range(num_frames):
+        x = (t * 5) % (size - 20)
+        frames[t, 30:50, x:x + 20] = (250, 220, 40)
+    times = tuple(t / 8.0 for t in range(num_frames))
+    return VideoClip(frames=frames, timestamps=times, source_frames=num_frames, fps=8.0)
+
+
+@pytest.fixture(scope="session")
+def clip8() -> VideoClip:
+    return moving_square_clip(8)
+
+
+@pytest.fixture(scope="session")
+def clip32() -> VideoClip:
+    return moving_square_clip(32)
