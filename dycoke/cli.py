@@ -10,7 +10,7 @@ import sys
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.limits import MAX_FRAMES, RequestError, check_frames, check_new_tokens, clean_question
 from dycoke.methods import method_names
-from dycoke.video import VideoError, load_video
+from dycoke.video import VideoError, load_video_isolated
 
 TINY_NOTICE = "note: the 'tiny' model has random weights; its answers are meaningless (token counts and timings are real)"
 
@@ -48,7 +48,7 @@ def run_answer(args: argparse.Namespace) -> int:
     )
     clean_question(args.question)
     check_new_tokens(args.max_new_tokens)
-    clip = load_video(args.video, check_frames(args.frames))
+    clip = load_video_isolated(args.video, check_frames(args.frames))
 
     from dycoke.models import ModelLoadError, load  # heavy imports once the cheap checks have passed
     from dycoke.pipeline import Pipeline, TextDelta

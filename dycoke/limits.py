@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import dataclass
 
 MAX_FRAMES = 256
 MAX_NEW_TOKENS = 1024
 MAX_QUESTION_TOKENS = 512
 MAX_QUESTION_CHARS = 8 * MAX_QUESTION_TOKENS
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """What a video may be before any frame is decoded; the defaults suit a public Space."""
+
+    max_file_bytes: int = 512 * 1024 * 1024
+    max_duration_s: float = 3 * 3600.0
+    min_side: int = 16
+    max_side: int = 8192
+    max_aspect_ratio: float = 16.0
+    decode_timeout_s: float = 120.0
 
 
 class RequestError(ValueError):

@@ -13,12 +13,14 @@ from transformers import Cache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from dycoke.config import DyCokeConfig
-from dycoke.limits import MAX_FRAMES, check_frames, check_new_tokens, check_question_tokens, clean_question
+from dycoke.limits import (
+    MAX_FRAMES, VideoLimits, check_frames, check_new_tokens, check_question_tokens, clean_question,
+)
 from dycoke.methods import Method, VisualLayout, get_method
 from dycoke.metrics import Clock, RequestTimes, cache_bytes, peak_memory_bytes, reset_peak_memory
 from dycoke.models import LoadedModel
 from dycoke.pruning import DyCokeCache
-from dycoke.video import VideoClip, load_video, to_pixel_values
+from dycoke.video import VideoClip, load_video_isolated, to_pixel_values
 
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"
@@ -71,13 +73,16 @@ class Prepared:
 class Pipeline:
     """Holds one loaded model and runs requests on it; all per-request state lives in the request's own objects."""
 
-    def __init__(self, loaded: LoadedModel, max_frames: int = MAX_FRAMES) -> None:
+    def __init__(self, loaded: LoadedModel, max_frames: int = MAX_FRAMES,
+                 video_limits: VideoLimits = VideoLimits()) -> None:
         self.loaded = loaded
         self.max_frames = max_frames
+        self.video_limits = video_limits
         self.clock = Clock(loaded.device)
 
     def load_video(self, path: str | Path, num_frames: int = 32) -> VideoClip:
-        return load_video(path, check_frames(num_frames, self.max_frames))
+        """Probe, check the limits, then decode in a child process that cannot hang or crash the caller."""
+        return load_video_isolated(path, check_frames(num_frames, self.max_frames), self.video_limits)
 
     def answer(self, video: str | Path | VideoClip, question: str, **options) -> Result:
         """Run a request to the end and return its result."""

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import decord
 import numpy as np
-import torch
 from PIL import Image
+
+from dycoke.limits import VideoLimits
 
 # Everything decord has been seen to raise on bad input (DECORDError is not a RuntimeError).
 _DECORD_ERRORS = (decord.DECORDError, RuntimeError, OSError, ValueError, IndexError)
@@ -75,24 +79,60 @@ def _undecodable(name: str) -> VideoError:
                       f"{_FIX_ENCODING}")
 
 
-def _probe_with_av(path: Path, name: str) -> bool:
-    """Raise VideoError for non-videos and files without video; True if PyAV confirmed a video stream."""
+@dataclass(frozen=True)
+class StreamInfo:
+    """What the container says about its first video stream, read without decoding a frame."""
+
+    width: int
+    height: int
+    duration_s: float | None
+
+
+def probe(path: str | os.PathLike) -> StreamInfo | None:
+    """Container and stream facts via PyAV; VideoError for non-videos and files without video, None without PyAV."""
+    path = Path(path)
+    name = _display_name(path)
+    _check_file(path, name)
     try:
         import av
     except ImportError:
-        return False
+        return None
     try:
         with av.open(str(path)) as container:
             fmt = container.format.name
-            has_video = len(container.streams.video) > 0
+            streams = container.streams.video
+            if not streams:
+                raise _no_video_stream(name)
+            context = streams[0].codec_context
+            duration = container.duration / 1e6 if container.duration else None
+            info = StreamInfo(int(context.width or 0), int(context.height or 0), duration)
     except av.FFmpegError as err:
         raise _not_readable(name) from err
     # A still image opens as a one-stream "video" in ffmpeg (png_pipe, image2, ...).
     if fmt == "image2" or fmt.endswith("_pipe"):
         raise _not_readable(name)
-    if not has_video:
-        raise _no_video_stream(name)
-    return True
+    return info
+
+
+def check_limits(path: str | os.PathLike, info: StreamInfo | None, limits: VideoLimits) -> None:
+    """Refuse files too big, too long, too small, too large or too wide before decoding them."""
+    path = Path(path)
+    name = _display_name(path)
+    size_mb, limit_mb = path.stat().st_size / 2**20, limits.max_file_bytes / 2**20
+    if path.stat().st_size > limits.max_file_bytes:
+        raise VideoError(f"{name} is {size_mb:.0f} MB; the limit is {limit_mb:.0f} MB: trim or compress it")
+    if info is None:
+        return
+    if info.duration_s is not None and info.duration_s > limits.max_duration_s:
+        raise VideoError(f"{name} lasts {info.duration_s / 60:.0f} min; the limit is "
+                         f"{limits.max_duration_s / 60:.0f} min: trim it")
+    short, long = sorted((info.width, info.height))
+    if short < limits.min_side or long > limits.max_side:
+        raise VideoError(f"{name} is {info.width}x{info.height} pixels; each side must be between "
+                         f"{limits.min_side} and {limits.max_side}: resize it")
+    if long / short > limits.max_aspect_ratio:
+        raise VideoError(f"{name} is {info.width}x{info.height}, wider than {limits.max_aspect_ratio:.0f}:1; "
+                         "crop it to a usual aspect ratio")
 
 
 def _classify_decord_error(err: Exception, name: str, video_confirmed: bool) -> VideoError:
@@ -106,12 +146,15 @@ def _classify_decord_error(err: Exception, name: str, video_confirmed: bool) -> 
     return _undecodable(name)
 
 
-def _open_reader(path: Path, name: str) -> decord.VideoReader:
+def _check_file(path: Path, name: str) -> None:
     if not path.is_file():
         raise VideoError(f"video file not found: {name}; check the path and that the file exists")
     if path.stat().st_size == 0:
         raise VideoError(f"video file {name} is empty (0 bytes); re-download or re-export it")
-    video_confirmed = _probe_with_av(path, name)
+
+
+def _open_reader(path: Path, name: str) -> decord.VideoReader:
+    video_confirmed = probe(path) is not None
     decord.logging.set_level(decord.logging.QUIET)  # otherwise ffmpeg floods stderr on bad files
     try:
         return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
@@ -160,7 +203,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 32) -> VideoClip:
     )
 
 
-def to_pixel_values(frames: np.ndarray, size: int = 384) -> torch.Tensor:
+def to_pixel_values(frames: np.ndarray, size: int = 384) -> "torch.Tensor":
     """LLaVA-OneVision pixels: bicubic resize to size x size, /255, (x - 0.5) / 0.5.
 
     Returns float32 [T, 3, size, size] in [-1, 1].
@@ -174,5 +217,49 @@ def to_pixel_values(frames: np.ndarray, size: int = 384) -> torch.Tensor:
         np.asarray(Image.fromarray(frame).resize((size, size), resample=Image.BICUBIC))
         for frame in frames
     ])
+    import torch  # here, so that the decoding child process starts without it
+
     pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).to(torch.float32) / 255.0
     return ((pixels - 0.5) / 0.5).contiguous()
+
+
+def load_video_isolated(path: str | os.PathLike, num_frames: int = 32,
+                        limits: VideoLimits = VideoLimits()) -> VideoClip:
+    """load_video behind the limits, in a child process that is killed if it hangs or dies with the decoder.
+
+    decord can hang or crash on hostile files; a server must survive both, so the decode never runs in-process.
+    A fresh interpreter (not a fork) keeps the child free of the server's threads and locks.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    name = _display_name(path)
+    check_limits(path, probe(path), limits)
+    command = [sys.executable, "-m", "dycoke.video", str(path), str(num_frames)]
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=limits.decode_timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise VideoError(f"decoding {name} took over {limits.decode_timeout_s:.0f} s; "
+                         f"the file may be damaged: {_FIX_ENCODING}") from None
+    try:
+        outcome = pickle.loads(done.stdout)  # written by our own child below, never by the user
+    except Exception:
+        raise _undecodable(name) from None  # the decoder died without an answer
+    if isinstance(outcome, VideoError):
+        raise outcome
+    return replace(outcome, decode_seconds=time.perf_counter() - started)
+
+
+def _decode_for_parent(path: str, num_frames: int) -> None:
+    try:
+        outcome: VideoClip | VideoError = load_video(path, num_frames)
+    except VideoError as error:
+        outcome = error
+    except Exception:  # anything else the decoder raises still means an unusable file for the caller
+        outcome = _undecodable(_display_name(Path(path)))
+    sys.stdout.buffer.write(pickle.dumps(outcome))
+
+
+if __name__ == "__main__":
+    from dycoke import video  # the importable module, so the pickled classes are dycoke.video's, not __main__'s
+
+    video._decode_for_parent(sys.argv[1], int(sys.argv[2]))

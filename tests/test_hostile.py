@@ -1,0 +1,102 @@
+"""Hostile media through the CLI: every bad file gets exit 1 and one line, never a traceback or a hang."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dycoke.cli import main
+from dycoke.limits import VideoLimits
+from dycoke.video import VideoError, load_video_isolated
+
+av = pytest.importorskip("av", reason="PyAV writes the synthetic hostile videos")
+
+
+def write_video(path: Path, width: int, height: int, frames: int) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames):
+            image = np.full((height, width, 3), (index * 30) % 255, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def damaged_header(source: Path, target: Path) -> Path:
+    data = bytearray(source.read_bytes())
+    moov = data.find(b"moov") - 4
+    size = struct.unpack(">I", data[moov:moov + 4])[0]
+    data[moov + size // 2:moov + size // 2 + 256] = b"\xff" * 256
+    target.write_bytes(bytes(data))
+    return target
+
+
+@pytest.fixture(scope="module")
+def hostile_corpus(shared_videos, tmp_path_factory) -> dict[str, Path]:
+    """Bad files made from real ones, plus the shared edge files that must be refused."""
+    folder = tmp_path_factory.mktemp("hostile")
+    street = shared_videos / "street_720p_3s.mp4"
+    data = street.read_bytes()
+    corpus = {
+        "truncated": folder / "truncated.mp4",
+        "header overwritten": damaged_header(street, folder / "overwritten.mp4"),
+        "zero bytes": folder / "empty.mp4",
+        "png renamed": folder / "image.mp4",
+        "text file": folder / "notes.mp4",
+        "2x2 video": write_video(folder / "tiny.mp4", 2, 2, 4),
+        "very wide video": write_video(folder / "wide.mp4", 2048, 32, 4),
+        "audio only": shared_videos / "edge" / "bipbop_audioinit.mp4",
+        "encrypted": shared_videos / "edge" / "short-cenc.mp4",
+    }
+    corpus["truncated"].write_bytes(data[: len(data) * 2 // 5])
+    corpus["zero bytes"].write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(corpus["png renamed"], format="PNG")
+    corpus["text file"].write_text("not a video at all\n" * 20)
+    return corpus
+
+
+def test_every_hostile_file_exits_1_with_one_line(hostile_corpus, capfd):
+    refused = []
+    for label, path in hostile_corpus.items():
+        code = main(["answer", str(path), "What is this?", "--max-new-tokens", "2"])
+        out, err = capfd.readouterr()
+        lines = err.strip().splitlines()
+        assert code == 1, (label, err)
+        assert out == "" and len(lines) == 1 and lines[0].startswith("error: "), (label, err)
+        refused.append(label)
+    print(f"\nhostile files refused with one line: {len(refused)} of {len(hostile_corpus)}")
+
+
+def test_single_frame_video_answers(tmp_path, capfd):
+    video = write_video(tmp_path / "one.mp4", 64, 48, 1)
+    assert main(["answer", str(video), "What is it?", "--max-new-tokens", "2", "--json"]) == 0
+    result = json.loads(capfd.readouterr().out)
+    assert result["trace"]["frames"] == 1 and result["metrics"]["visual_tokens_after_ttm"] == 196
+
+
+@pytest.mark.parametrize("limits, message", [
+    (VideoLimits(max_file_bytes=1000), "the limit is 0 MB"),
+    (VideoLimits(max_duration_s=1.0), "the limit is 0 min"),
+    (VideoLimits(max_side=640), "each side must be between"),
+    (VideoLimits(max_aspect_ratio=1.5), "wider than"),
+    (VideoLimits(decode_timeout_s=0.001), "took over"),
+])
+def test_limits_refuse_before_decoding(shared_videos, limits, message):
+    with pytest.raises(VideoError, match=message) as error:
+        load_video_isolated(shared_videos / "street_720p_3s.mp4", 4, limits)
+    assert "\n" not in str(error.value)
+
+
+def test_long_video_is_sampled_uniformly(shared_videos):
+    clip = load_video_isolated(shared_videos / "big_buck_bunny_480p_30s.mp4", 4)
+    assert clip.num_frames == 4 and clip.source_frames == 720
+    assert clip.timestamps == pytest.approx([0.0, 240 / 24, 479 / 24, 719 / 24], abs=0.05)
