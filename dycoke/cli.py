@@ -9,7 +9,7 @@ import sys
 
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.limits import MAX_FRAMES, RequestError, check_frames, check_new_tokens, clean_question
-from dycoke.methods import method_names
+from dycoke.methods import configure, get_method, matchable_names, method_names
 from dycoke.video import VideoError, load_video_isolated
 
 TINY_NOTICE = "note: the 'tiny' model has random weights; its answers are meaningless (token counts and timings are real)"
@@ -33,6 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--prune-ratio", type=float, default=defaults.prune_ratio, help="P: DP prune ratio, [0, 1)")
     answer.add_argument("--threshold", type=float, default=defaults.reselect_threshold,
                         help="tau: reselect when attention drifts below this cosine similarity, [-1, 1]")
+    peers = ", ".join(matchable_names())
+    answer.add_argument("--match", choices=method_names(), default=None, metavar="METHOD",
+                        help=f"set the drop ratio of {peers} so that the visual tokens attended per decoding step "
+                             "equal METHOD's under the current settings (random and uniform-frames match dycoke "
+                             "unless given --drop-ratio)")
+    fastv, visionzip, seeded = get_method("fastv"), get_method("visionzip"), get_method("random")
+    answer.add_argument("--fastv-layer", type=int, default=None,
+                        help=f"K: fastv drops visual tokens from this layer on (default: {fastv.layer})")
+    answer.add_argument("--fastv-ratio", type=float, default=None,
+                        help=f"R: share of visual tokens fastv drops, [0, 1) (default: {fastv.ratio})")
+    answer.add_argument("--visionzip-dominant", type=int, default=None,
+                        help=f"dominant tokens visionzip keeps per frame (default: {visionzip.dominant})")
+    answer.add_argument("--visionzip-contextual", type=int, default=None,
+                        help=f"merged contextual tokens visionzip adds per frame (default: {visionzip.contextual})")
+    answer.add_argument("--drop-ratio", type=float, default=None,
+                        help="share of visual tokens random and uniform-frames drop, [0, 1) (default: match dycoke)")
+    answer.add_argument("--seed", type=int, default=None, help=f"seed of the random method (default: {seeded.seed})")
     answer.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     answer.add_argument("--json", action="store_true", help="print one JSON object with answer, metrics and trace")
     return parser
@@ -46,6 +63,9 @@ def run_answer(args: argparse.Namespace) -> int:
         prune_ratio=args.prune_ratio,
         reselect_threshold=args.threshold,
     )
+    method = configure(args.method, match=args.match, fastv_layer=args.fastv_layer, fastv_ratio=args.fastv_ratio,
+                       visionzip_dominant=args.visionzip_dominant, visionzip_contextual=args.visionzip_contextual,
+                       drop_ratio=args.drop_ratio, seed=args.seed)
     clean_question(args.question)
     check_new_tokens(args.max_new_tokens)
     clip = load_video_isolated(args.video, check_frames(args.frames))
@@ -57,7 +77,7 @@ def run_answer(args: argparse.Namespace) -> int:
         pipeline = Pipeline(load(args.model, device=args.device))
     except ModelLoadError as error:
         raise RequestError(str(error)) from error
-    options = dict(method=args.method, config=config, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+    options = dict(method=method, config=config, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
     if args.json:
         print(json.dumps(pipeline.answer(clip, args.question, **options).to_dict()))
         return 0

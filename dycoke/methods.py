@@ -1,15 +1,33 @@
-"""Compression methods behind one interface, in a registry shared by the app, the CLI and the benchmark."""
+"""Compression methods behind one interface, in a registry shared by the app, the CLI and the benchmark.
+
+A method is a frozen object that carries its own knobs; `configure` makes a copy with knobs changed, and
+`match_budget` one whose drop ratio gives exactly the attended visual budget of a reference method.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import Cache, DynamicCache
 
-from dycoke.config import DyCokeConfig
-from dycoke.pruning import DyCokeCache
-from dycoke.ttm import temporal_keep_mask
+from dycoke.budget import VisualBudget, evenly_spaced, ratio_keeping, spread, ttm_kept_total
+from dycoke.config import ConfigError, DyCokeConfig
+from dycoke.fastv import FastVCache, install_fastv_hooks
+from dycoke.pruning import DyCokeCache, StepRecord, install_dp_hooks
+from dycoke.ttm import kept_count, temporal_keep_mask
+from dycoke.visionzip import pooled_statistics, zip_frame
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_ratio(name: str, value: object) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -21,22 +39,81 @@ class VisualLayout:
     num_frames: int
 
 
+@dataclass(frozen=True)
+class VisualInput:
+    """What the vision side produced for one request, handed to a method to compress."""
+
+    frame_tokens: torch.Tensor  # [T, N, D] projected, pooled frame tokens
+    model: torch.nn.Module  # the LLaVA-OneVision model, for methods that look inside the vision tower
+    feature_layer_input: torch.Tensor | None = None  # [T, P, Dv] entering the vision feature layer, if asked for
+
+
+@dataclass(frozen=True)
+class CompressedVisual:
+    """The visual tokens that enter the language model."""
+
+    tokens: torch.Tensor  # [V, D] in prompt order
+    keep_mask: torch.Tensor  # bool [T, N]: pooled positions that enter the LLM as themselves
+    frame_of_token: torch.Tensor  # [V] frame of each token
+
+    @classmethod
+    def from_mask(cls, frame_tokens: torch.Tensor, mask: torch.Tensor) -> "CompressedVisual":
+        return cls(frame_tokens[mask], mask, mask.nonzero()[:, 0])
+
+
 class Method:
     """A compression method: which visual tokens enter the LLM, and which cache decodes them."""
 
     name: str
     summary: str
+    prunes_at: str = "nothing"
+    matchable = False  # has a drop ratio that `match_budget` can set
+    needs_vision_states = False  # compress() reads VisualInput.feature_layer_input
+    OPTIONS: dict[str, str] = {}  # option name (as in the CLI and the results' config) -> field
 
     def effective_config(self, config: DyCokeConfig) -> DyCokeConfig:
-        """The settings this method really uses, as reported in results."""
+        """The DyCoke settings this method really uses, as reported in results."""
         return config
+
+    def options(self) -> dict:
+        """The method's own knobs, reported next to the DyCoke settings."""
+        return {option: getattr(self, field) for option, field in self.OPTIONS.items()}
+
+    def check_model(self, num_layers: int) -> None:
+        """Refuse knobs that do not fit the model, with a one-line message."""
+
+    def resolve(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> "Method":
+        """This method with every knob that depends on the request (a matched budget) fixed."""
+        return self
+
+    def matched(self, ratio: float, reference: str) -> "Method":
+        """This method with drop ratio `ratio`, recorded as matched to `reference`."""
+        raise _no_budget_knob(self)
+
+    def install(self, model: torch.nn.Module) -> None:
+        """Put the method's hooks on the model, once; they must do nothing for other methods' requests."""
+
+    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
+        """Visual tokens in prefill and attended per decoding step, from the settings; results measure the same."""
+        everything = num_frames * tokens_per_frame
+        return VisualBudget(everything, everything)
 
     def keep_mask(self, frame_features: torch.Tensor, config: DyCokeConfig) -> torch.Tensor:
         """Bool [T, N]: the frame tokens that enter the language model."""
         return torch.ones(frame_features.shape[:2], dtype=torch.bool, device=frame_features.device)
 
+    def compress(self, visual: VisualInput, config: DyCokeConfig) -> CompressedVisual:
+        return CompressedVisual.from_mask(visual.frame_tokens, self.keep_mask(visual.frame_tokens, config))
+
     def make_cache(self, layout: VisualLayout, config: DyCokeConfig) -> Cache:
         return DynamicCache()
+
+    def step_record(self, cache: Cache, step_index: int, entered_per_frame: list[int]) -> StepRecord:
+        """What decoding step `step_index` (0-based) attended to, per frame, at the layers the method prunes."""
+        return StepRecord(entered_per_frame, False)
+
+    def reselections(self, cache: Cache) -> int:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -47,12 +124,22 @@ class DyCokeMethod(Method):
     summary: str
     merges: bool
     prunes: bool
+    prunes_at: str = "nothing"
 
     def effective_config(self, config: DyCokeConfig) -> DyCokeConfig:
         return config.replace(
             merge_ratio=config.merge_ratio if self.merges else 0.0,
             prune_ratio=config.prune_ratio if self.prunes else 0.0,
         )
+
+    def install(self, model: torch.nn.Module) -> None:
+        install_dp_hooks(model)
+
+    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
+        settings = self.effective_config(config)
+        entered = ttm_kept_total(num_frames, tokens_per_frame, settings.merge_ratio, settings.window)
+        attended = kept_count(entered, settings.prune_ratio) if settings.prune_ratio > 0 else entered
+        return VisualBudget(entered, attended)
 
     def keep_mask(self, frame_features: torch.Tensor, config: DyCokeConfig) -> torch.Tensor:
         if not self.merges:
@@ -71,14 +158,212 @@ class DyCokeMethod(Method):
             reselect_threshold=config.reselect_threshold,
         )
 
+    def step_record(self, cache: Cache, step_index: int, entered_per_frame: list[int]) -> StepRecord:
+        if isinstance(cache, DyCokeCache) and cache.pruning:
+            return cache.steps[step_index]
+        return super().step_record(cache, step_index, entered_per_frame)
+
+    def reselections(self, cache: Cache) -> int:
+        return cache.reselections if isinstance(cache, DyCokeCache) else 0
+
+
+class _PeerMethod(Method):
+    """A method compared with DyCoke: DyCoke's own stages are off, and its drop ratio can be matched to a reference."""
+
+    matchable = True
+    ratio: float | None
+    match: str | None
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None:
+            _check_ratio(self.ratio_option, self.ratio)
+        if self.match is not None and not isinstance(self.match, str):
+            raise ConfigError(f"match must be a method name, got {self.match!r}")
+
+    @property
+    def ratio_option(self) -> str:
+        return next(option for option, field in self.OPTIONS.items() if field == "ratio")
+
+    def effective_config(self, config: DyCokeConfig) -> DyCokeConfig:
+        return config.replace(merge_ratio=0.0, prune_ratio=0.0)
+
+    def resolve(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> "Method":
+        if self.match is None:
+            return self
+        return match_budget(self, self.match, config, num_frames, tokens_per_frame)
+
+    def matched(self, ratio: float, reference: str) -> "Method":
+        return replace(self, ratio=ratio, match=reference)
+
+    def kept_total(self, num_frames: int, tokens_per_frame: int) -> int:
+        """Visual tokens kept out of the video's T·N by the drop ratio (of a resolved method)."""
+        if self.ratio is None:
+            raise ConfigError(f"{self.name} needs {self.ratio_option} or a method to match")
+        return kept_count(num_frames * tokens_per_frame, self.ratio)
+
+
+@dataclass(frozen=True)
+class FastVMethod(_PeerMethod):
+    """FastV: after layer K, drop the R share of visual tokens the last prompt token attended to least at K-1."""
+
+    name: str = "fastv"
+    summary: str = "FastV: after layer K of the prefill, drop the visual tokens the last prompt token attends to least"
+    prunes_at: str = "prefill (layers >= K), and decode on the shorter cache"
+    layer: int = 2
+    ratio: float | None = 0.5
+    match: str | None = None
+    OPTIONS = {"fastv_layer": "layer", "fastv_ratio": "ratio", "match": "match"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _is_integer(self.layer) or self.layer < 1:
+            raise ConfigError(f"fastv_layer (K) must be an integer in 1..num_layers-1, got {self.layer!r}")
+
+    def check_model(self, num_layers: int) -> None:
+        if not 1 <= self.layer <= num_layers - 1:
+            raise ConfigError(f"fastv_layer (K) must be in 1..{num_layers - 1} for this model ({num_layers} layers), "
+                              f"got {self.layer}")
+
+    def install(self, model: torch.nn.Module) -> None:
+        install_fastv_hooks(model)
+
+    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
+        kept = self.resolve(config, num_frames, tokens_per_frame).kept_total(num_frames, tokens_per_frame)
+        return VisualBudget(num_frames * tokens_per_frame, kept)
+
+    def make_cache(self, layout: VisualLayout, config: DyCokeConfig) -> Cache:
+        if self.ratio is None:
+            raise ConfigError("fastv needs fastv_ratio or a method to match")
+        return FastVCache(layout.start, layout.frame_of_token, layout.num_frames, self.layer, self.ratio)
+
+    def step_record(self, cache: Cache, step_index: int, entered_per_frame: list[int]) -> StepRecord:
+        if isinstance(cache, FastVCache) and cache.selected:
+            return StepRecord(cache.kept_per_frame, False)
+        return super().step_record(cache, step_index, entered_per_frame)
+
+
+@dataclass(frozen=True)
+class VisionZipMethod(_PeerMethod):
+    """VisionZip: per frame, dominant tokens by attention received in the vision tower, the rest merged."""
+
+    name: str = "visionzip"
+    summary: str = ("VisionZip: per frame, keep the tokens the vision tower attends to most and merge the rest "
+                    "into a few contextual tokens")
+    prunes_at: str = "before the LLM (vision tower attention)"
+    dominant: int = 24
+    contextual: int = 4
+    ratio: float | None = None
+    match: str | None = None
+    needs_vision_states = True
+    OPTIONS = {"visionzip_dominant": "dominant", "visionzip_contextual": "contextual", "visionzip_ratio": "ratio",
+               "match": "match"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for option, value in (("visionzip_dominant", self.dominant), ("visionzip_contextual", self.contextual)):
+            if not _is_integer(value) or value < 0:
+                raise ConfigError(f"{option} must be a whole number of tokens per frame, >= 0, got {value!r}")
+        if self.dominant + self.contextual < 1:
+            raise ConfigError("visionzip keeps no token: visionzip_dominant + visionzip_contextual must be >= 1")
+
+    def frame_counts(self, num_frames: int, tokens_per_frame: int) -> list[tuple[int, int]]:
+        """(dominant, contextual) per frame: the knobs as they are or, given a drop ratio (of a resolved method),
+        its kept tokens spread evenly over the frames in the knobs' dominant:contextual proportion."""
+        if self.ratio is None:
+            return [(self.dominant, self.contextual)] * num_frames
+        share = self.contextual / (self.dominant + self.contextual)
+        totals = spread(self.kept_total(num_frames, tokens_per_frame), num_frames)
+        return [(total - math.floor(total * share + 0.5), math.floor(total * share + 0.5)) for total in totals]
+
+    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
+        resolved = self.resolve(config, num_frames, tokens_per_frame)
+        kept = sum(d + c for d, c in resolved.frame_counts(num_frames, tokens_per_frame))
+        return VisualBudget(kept, kept)
+
+    def compress(self, visual: VisualInput, config: DyCokeConfig) -> CompressedVisual:
+        frame_tokens = visual.frame_tokens
+        num_frames, tokens_per_frame, _ = frame_tokens.shape
+        counts = self.frame_counts(num_frames, tokens_per_frame)
+        scores, keys = pooled_statistics(visual.model, visual.feature_layer_input)
+        frames = [zip_frame(frame_tokens[t], scores[t], keys[t], *counts[t]) for t in range(num_frames)]
+        mask = torch.zeros(num_frames, tokens_per_frame, dtype=torch.bool, device=frame_tokens.device)
+        for t, frame in enumerate(frames):
+            mask[t, frame.dominant] = True
+        per_frame = torch.tensor([frame.tokens.shape[0] for frame in frames], device=frame_tokens.device)
+        frame_of_token = torch.repeat_interleave(torch.arange(num_frames, device=frame_tokens.device), per_frame)
+        return CompressedVisual(torch.cat([frame.tokens for frame in frames]), mask, frame_of_token)
+
+
+@dataclass(frozen=True)
+class RandomMethod(_PeerMethod):
+    """Random: a seeded, uniformly random subset of the video's tokens, of a matched size."""
+
+    name: str = "random"
+    summary: str = "random tokens (seeded) with the same visual budget as DyCoke, dropped before the LLM"
+    prunes_at: str = "before the LLM"
+    ratio: float | None = None
+    match: str | None = "dycoke"
+    seed: int = 0
+    OPTIONS = {"drop_ratio": "ratio", "match": "match", "seed": "seed"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _is_integer(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
+
+    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
+        kept = self.resolve(config, num_frames, tokens_per_frame).kept_total(num_frames, tokens_per_frame)
+        return VisualBudget(kept, kept)
+
+    def keep_mask(self, frame_features: torch.Tensor, config: DyCokeConfig) -> torch.Tensor:
+        num_frames, tokens_per_frame = frame_features.shape[:2]
+        kept = self.kept_total(num_frames, tokens_per_frame)
+        chosen = torch.randperm(num_frames * tokens_per_frame, generator=torch.Generator().manual_seed(self.seed))
+        mask = torch.zeros(num_frames * tokens_per_frame, dtype=torch.bool)
+        mask[chosen[:kept]] = True
+        return mask.view(num_frames, tokens_per_frame).to(frame_features.device)
+
+
+@dataclass(frozen=True)
+class UniformFramesMethod(_PeerMethod):
+    """Uniform frames: whole, evenly spaced frames of a matched budget (the last one in part if it does not divide)."""
+
+    name: str = "uniform-frames"
+    summary: str = "whole evenly spaced frames with the same visual budget as DyCoke, dropped before the LLM"
+    prunes_at: str = "before the LLM"
+    ratio: float | None = None
+    match: str | None = "dycoke"
+    OPTIONS = {"drop_ratio": "ratio", "match": "match"}
+
+    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
+        kept = self.resolve(config, num_frames, tokens_per_frame).kept_total(num_frames, tokens_per_frame)
+        return VisualBudget(kept, kept)
+
+    def keep_mask(self, frame_features: torch.Tensor, config: DyCokeConfig) -> torch.Tensor:
+        num_frames, tokens_per_frame = frame_features.shape[:2]
+        whole, partial = divmod(self.kept_total(num_frames, tokens_per_frame), tokens_per_frame)
+        frames = evenly_spaced(whole + (partial > 0), num_frames)
+        mask = torch.zeros(num_frames, tokens_per_frame, dtype=torch.bool)
+        mask[frames[:whole]] = True
+        if partial:  # the last chosen frame keeps `partial` tokens on an even spatial stride
+            mask[frames[-1], evenly_spaced(partial, tokens_per_frame)] = True
+        return mask.to(frame_features.device)
+
 
 REGISTRY: dict[str, Method] = {
     method.name: method
     for method in (
         DyCokeMethod("baseline", "no compression: every visual token, plain KV cache", merges=False, prunes=False),
-        DyCokeMethod("dycoke", "TTM before the LLM plus DP at every decoding step", merges=True, prunes=True),
-        DyCokeMethod("ttm", "TTM only: temporal merging before the LLM", merges=True, prunes=False),
-        DyCokeMethod("dp", "DP only: dynamic KV-cache pruning while decoding", merges=False, prunes=True),
+        DyCokeMethod("dycoke", "TTM before the LLM plus DP at every decoding step", merges=True, prunes=True,
+                     prunes_at="before the LLM (TTM) and decode (DP, layers >= L)"),
+        DyCokeMethod("ttm", "TTM only: temporal merging before the LLM", merges=True, prunes=False,
+                     prunes_at="before the LLM (TTM)"),
+        DyCokeMethod("dp", "DP only: dynamic KV-cache pruning while decoding", merges=False, prunes=True,
+                     prunes_at="decode (DP, layers >= L)"),
+        FastVMethod(),
+        VisionZipMethod(),
+        RandomMethod(),
+        UniformFramesMethod(),
     )
 }
 
@@ -87,8 +372,54 @@ def method_names() -> list[str]:
     return list(REGISTRY)
 
 
+def matchable_names() -> list[str]:
+    return [name for name, method in REGISTRY.items() if method.matchable]
+
+
 def get_method(name: str) -> Method:
     try:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(REGISTRY)}") from None
+
+
+def configure(method: str | Method, **options) -> Method:
+    """The method with the given knobs (option names as in `Method.OPTIONS`); None and foreign options are ignored.
+
+    An explicit ratio turns off a default match (random and uniform-frames match DyCoke unless given a ratio).
+    """
+    chosen = get_method(method) if isinstance(method, str) else method
+    given = {option: value for option, value in options.items() if value is not None}
+    if "match" in given:
+        if not chosen.matchable:
+            raise _no_budget_knob(chosen)
+        get_method(given["match"])  # an unknown name fails here, with the list of known ones
+    changes = {chosen.OPTIONS[option]: value for option, value in given.items() if option in chosen.OPTIONS}
+    if chosen.matchable and "ratio" in changes:
+        if "match" in changes:
+            raise ConfigError(f"give {chosen.ratio_option} or a method to match, not both")
+        changes["match"] = None
+    return replace(chosen, **changes) if changes else chosen
+
+
+def match_budget(method: str | Method, reference: str | Method, config: DyCokeConfig, num_frames: int,
+                 tokens_per_frame: int) -> Method:
+    """`method` with the drop ratio that makes its attended visual budget equal `reference`'s, exactly."""
+    chosen = get_method(method) if isinstance(method, str) else method
+    peer = get_method(reference) if isinstance(reference, str) else reference
+    if not chosen.matchable:
+        raise _no_budget_knob(chosen)
+    target = peer.budget(config, num_frames, tokens_per_frame).attended
+    return chosen.matched(ratio_keeping(target, num_frames * tokens_per_frame), peer.name)
+
+
+def _no_budget_knob(method: Method) -> ConfigError:
+    return ConfigError(f"'{method.name}' has no budget knob of its own; matching applies to "
+                       f"{', '.join(matchable_names())}")
+
+
+def install_hooks(model: torch.nn.Module) -> None:
+    """Every registered method's hooks, once each; each is inert for the other methods' requests."""
+    for method in REGISTRY.values():
+        method.install(model)
+

@@ -16,11 +16,11 @@ from dycoke.config import DyCokeConfig
 from dycoke.limits import (
     MAX_FRAMES, VideoLimits, check_frames, check_new_tokens, check_question_tokens, clean_question,
 )
-from dycoke.methods import Method, VisualLayout, get_method
+from dycoke.methods import Method, VisualInput, VisualLayout, get_method, install_hooks
 from dycoke.metrics import Clock, RequestTimes, cache_bytes, peak_memory_bytes, reset_peak_memory
 from dycoke.models import LoadedModel
-from dycoke.pruning import DyCokeCache
 from dycoke.video import VideoClip, load_video_isolated, to_pixel_values
+from dycoke.visionzip import feature_layer_index
 
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"
@@ -79,6 +79,7 @@ class Pipeline:
         self.max_frames = max_frames
         self.video_limits = video_limits
         self.clock = Clock(loaded.device)
+        install_hooks(loaded.model)
 
     def load_video(self, path: str | Path, num_frames: int = 32) -> VideoClip:
         """Probe, check the limits, then decode in a child process that cannot hang or crash the caller."""
@@ -95,7 +96,7 @@ class Pipeline:
         self,
         video: str | Path | VideoClip,
         question: str,
-        method: str = "dycoke",
+        method: str | Method = "dycoke",
         config: DyCokeConfig | None = None,
         max_new_tokens: int = 64,
         ignore_eos: bool = False,
@@ -103,9 +104,11 @@ class Pipeline:
         progress: Progress | None = None,
     ) -> Iterator[Event]:
         """Yield text deltas and one StepTrace per decoding step while generating, then the Result."""
-        chosen = get_method(method)
-        settings = chosen.effective_config(config or DyCokeConfig())
+        chosen = method if isinstance(method, Method) else get_method(method)
+        requested = config or DyCokeConfig()
+        settings = chosen.effective_config(requested)
         settings.check_layers(self.loaded.num_layers)
+        chosen.check_model(self.loaded.num_layers)
         check_new_tokens(max_new_tokens)
         prompt = encode_prompt(self.loaded.tokenizer, question)
         report = progress or (lambda fraction, message: None)
@@ -114,6 +117,7 @@ class Pipeline:
             report(0.0, "decoding video")
         clip = video if isinstance(video, VideoClip) else self.load_video(video, num_frames)
         times = RequestTimes(decode_video_s=clip.decode_seconds)
+        chosen = chosen.resolve(requested, clip.num_frames, self.loaded.tokens_per_frame)  # e.g. a matched budget
         report(0.3, "encoding frames")
         with torch.inference_mode():
             prepared = self.prepare(clip, prompt, chosen, settings, times)
@@ -122,16 +126,19 @@ class Pipeline:
 
     def prepare(self, clip: VideoClip, prompt: tuple[list[int], list[int]], method: Method,
                 settings: DyCokeConfig, times: RequestTimes | None = None) -> Prepared:
-        """Vision features, compression and the prompt embeddings: everything up to the first generate call."""
+        """Vision features, compression and the prompt embeddings: everything up to the first generate call.
+
+        `method` must be resolved (Method.resolve) for this clip; `stream` does that.
+        """
         times = times or RequestTimes()
         device = self.loaded.device
         reset_peak_memory(device)
         model = self.loaded.model
         times.vision_start = self.clock.now()
-        frame_tokens, newline = self._vision_features(clip)
+        frame_tokens, newline, feature_layer_input = self._vision_features(clip, method.needs_vision_states)
         times.vision_end = self.clock.now()
-        keep_mask = method.keep_mask(frame_tokens, settings)
-        kept_tokens = frame_tokens[keep_mask]
+        compressed = method.compress(VisualInput(frame_tokens, model, feature_layer_input), settings)
+        kept_tokens = compressed.tokens
         embed = model.get_input_embeddings()
         prefix, suffix = (torch.tensor([ids], device=embed.weight.device) for ids in prompt)
         embeds = torch.cat(
@@ -139,32 +146,40 @@ class Pipeline:
         )
         layout = VisualLayout(
             start=len(prompt[0]),
-            frame_of_token=keep_mask.nonzero()[:, 0],
+            frame_of_token=compressed.frame_of_token,
             num_frames=clip.num_frames,
         )
         cache = method.make_cache(layout, settings)
-        ttm_kept_per_frame = keep_mask.sum(dim=1).tolist()
+        ttm_kept_per_frame = torch.bincount(compressed.frame_of_token, minlength=clip.num_frames).tolist()
         times.compress_end = self.clock.now()
-        return Prepared(embeds, cache, keep_mask, ttm_kept_per_frame, times)
+        return Prepared(embeds, cache, compressed.keep_mask, ttm_kept_per_frame, times)
 
-    def _vision_features(self, clip: VideoClip) -> tuple[torch.Tensor, torch.Tensor]:
+    def _vision_features(self, clip: VideoClip, with_feature_layer_input: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Frame tokens [T, N, D], the newline token and, if asked, the hidden state entering the feature layer."""
         model = self.loaded.model
         vision = model.model.vision_tower
         pixels = to_pixel_values(clip.frames, self.loaded.image_size)
         pixels = pixels.to(device=next(vision.parameters()).device, dtype=self.loaded.dtype)
-        features = model.get_video_features(
+        capture = {}
+        if with_feature_layer_input:  # hidden states are counted from the embeddings: index i enters layer i
+            index = feature_layer_index(model)
+            capture["output_hidden_states"] = [index - 1, index]
+        outputs = model.get_video_features(
             pixel_values_videos=pixels[None],
             vision_feature_layer=model.config.vision_feature_layer,
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        ).pooler_output[0]
+            **capture,
+        )
+        features = outputs.pooler_output[0]
         frame_tokens = features[:-1].view(clip.num_frames, self.loaded.tokens_per_frame, -1)
-        return frame_tokens, features[-1]
+        return frame_tokens, features[-1], outputs.hidden_states[index - 1] if capture else None
 
     def _generate(self, prepared: Prepared, clip: VideoClip, method: Method, settings: DyCokeConfig,
                   max_new_tokens: int, ignore_eos: bool) -> Iterator[Event]:
         events: queue.Queue = queue.Queue()
         cancelled = threading.Event()
-        streamer = _TraceStreamer(self.loaded.tokenizer, prepared, self.clock, events)
+        streamer = _TraceStreamer(self.loaded.tokenizer, prepared, method, self.clock, events)
         worker = threading.Thread(
             target=self._run_generate,
             args=(prepared, streamer, max_new_tokens, ignore_eos, cancelled, events),
@@ -214,7 +229,7 @@ class Pipeline:
                 streamer: "_TraceStreamer") -> Result:
         cache = prepared.cache
         steps = streamer.steps
-        visual_after_ttm = int(prepared.keep_mask.sum())
+        visual_after_ttm = sum(prepared.ttm_kept_per_frame)  # merged tokens (visionzip) have no mask position
         attended = [sum(step.kept_per_frame) for step in steps]
         metrics = prepared.times.metrics() | {
             "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
@@ -222,7 +237,7 @@ class Pipeline:
             "visual_tokens_in": int(prepared.keep_mask.numel()),
             "visual_tokens_after_ttm": visual_after_ttm,
             "visual_tokens_attended_mean": sum(attended) / len(attended) if attended else float(visual_after_ttm),
-            "reselections": cache.reselections if isinstance(cache, DyCokeCache) else 0,
+            "reselections": method.reselections(cache),
         }
         trace = {
             "frames": clip.num_frames,
@@ -232,8 +247,8 @@ class Pipeline:
             "ttm_keep_mask": prepared.keep_mask.int().tolist(),
             "steps": [{"kept_per_frame": s.kept_per_frame, "reselected": s.reselected} for s in steps],
         }
-        return Result(streamer.text, self.loaded.name, method.name, settings.to_dict(), metrics, trace,
-                      streamer.token_ids)
+        config = settings.to_dict() | method.options()  # DyCoke's five settings, then the method's own knobs
+        return Result(streamer.text, self.loaded.name, method.name, config, metrics, trace, streamer.token_ids)
 
 
 _DONE = object()
@@ -252,9 +267,10 @@ class _Cancelled(StoppingCriteria):
 class _TraceStreamer(BaseStreamer):
     """Receives each new token from generate: times it, decodes the text delta, and records the step's trace."""
 
-    def __init__(self, tokenizer, prepared: Prepared, clock: Clock, events: queue.Queue) -> None:
+    def __init__(self, tokenizer, prepared: Prepared, method: Method, clock: Clock, events: queue.Queue) -> None:
         self.tokenizer = tokenizer
         self.prepared = prepared
+        self.method = method
         self.clock = clock
         self.events = events
         self.token_ids: list[int] = []
@@ -284,13 +300,9 @@ class _TraceStreamer(BaseStreamer):
         self.text = text
 
     def _emit_step(self) -> None:
-        cache = self.prepared.cache
         index = len(self.steps)
-        if isinstance(cache, DyCokeCache) and cache.pruning:
-            record = cache.steps[index]
-            step = StepTrace(index + 1, record.kept_per_frame, record.reselected)
-        else:
-            step = StepTrace(index + 1, self.prepared.ttm_kept_per_frame, False)
+        record = self.method.step_record(self.prepared.cache, index, self.prepared.ttm_kept_per_frame)
+        step = StepTrace(index + 1, record.kept_per_frame, record.reselected)
         self.steps.append(step)
         self.events.put(step)
 
