@@ -13,11 +13,13 @@ import math
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.colors import DEFAULT_PLOTLY_COLORS
+from plotly.colors import DEFAULT_PLOTLY_COLORS, sequential
 from plotly.subplots import make_subplots
 from PIL import Image
 
 HEATMAP_UIREVISION = "dycoke-heatmap"
+# Viridis spelled out, as plotly's validation would: the unvalidated live heatmap must be the same figure.
+VIRIDIS = [[i / (len(sequential.Viridis) - 1), color] for i, color in enumerate(sequential.Viridis)]
 MAX_FRAME_TICKS = 32
 BYTES_PER_MB = 1_000_000
 
@@ -29,8 +31,8 @@ def _seconds_label(seconds: float) -> str:
 # --- per-step heatmap -------------------------------------------------------------------------------
 
 
-def step_heatmap(trace: dict, title: str = "") -> go.Figure:
-    """Frames (rows, frame 0 on top) × [TTM, step 1..S] (columns); cell = fraction of the frame's tokens kept."""
+def _step_heatmap_spec(trace: dict, title: str) -> dict:
+    """The heatmap as a plain {"data", "layout"} dict; `step_heatmap` and `live_step_heatmap` wrap it."""
     tokens_per_frame = trace["tokens_per_frame"]
     frame_times = [float(t) for t in trace["frame_times_s"]]
     steps = trace["steps"]
@@ -38,36 +40,97 @@ def step_heatmap(trace: dict, title: str = "") -> go.Figure:
     column_labels = ["TTM"] + [str(i) for i in range(1, len(steps) + 1)]
     frame_ids = list(range(trace["frames"]))
 
-    fractions = [[int(col[f]) / tokens_per_frame for col in columns] for f in frame_ids]
+    # A TTM column of None (still streaming: the TTM counts come with the final result) is drawn as a gap.
+    fractions = [[None if col[f] is None else int(col[f]) / tokens_per_frame for col in columns] for f in frame_ids]
     hover = [
         [
-            f"frame {f} · {_seconds_label(frame_times[f])}<br>step {label}<br>kept {int(col[f])}/{tokens_per_frame}"
+            f"frame {f} · {_seconds_label(frame_times[f])}<br>step {label}<br>"
+            + ("kept: pending" if col[f] is None else f"kept {int(col[f])}/{tokens_per_frame}")
             for col, label in zip(columns, column_labels)
         ]
         for f in frame_ids
     ]
-    heatmap = go.Heatmap(
-        z=fractions, x=column_labels, y=frame_ids, zmin=0, zmax=1, colorscale="Viridis",
-        text=hover, hovertemplate="%{text}<extra></extra>", xgap=1,
-        colorbar={"title": {"text": "fraction kept"}},
-    )
+    heatmap = {
+        "type": "heatmap", "z": fractions, "x": column_labels, "y": frame_ids, "zmin": 0, "zmax": 1,
+        "colorscale": VIRIDIS, "text": hover, "hovertemplate": "%{text}<extra></extra>", "xgap": 1,
+        "colorbar": {"title": {"text": "fraction kept"}},
+    }
     reselected = [label for step, label in zip(steps, column_labels[1:]) if step.get("reselected")]
     # Markers sit on a virtual row -1, just above frame 0, so they never cover a cell.
-    markers = go.Scatter(
-        x=reselected, y=[-1] * len(reselected), mode="markers", name="reselected",
-        marker={"symbol": "triangle-down", "size": 9, "color": "crimson"},
-        hovertemplate="step %{x}: selection recomputed<extra></extra>", showlegend=False,
-    )
+    markers = {
+        "type": "scatter", "x": reselected, "y": [-1] * len(reselected), "mode": "markers", "name": "reselected",
+        "marker": {"symbol": "triangle-down", "size": 9, "color": "crimson"},
+        "hovertemplate": "step %{x}: selection recomputed<extra></extra>", "showlegend": False,
+    }
     tick_every = max(1, math.ceil(len(frame_ids) / MAX_FRAME_TICKS))
     tick_frames = frame_ids[::tick_every]
-    fig = go.Figure([heatmap, markers])
-    fig.update_layout(
-        title={"text": title}, uirevision=HEATMAP_UIREVISION, margin={"l": 60, "r": 20, "t": 50 if title else 20, "b": 40},
-        xaxis={"type": "category", "title": {"text": "decoding step (▼ = reselection)"}},
-        yaxis={
+    layout = {
+        "title": {"text": title}, "uirevision": HEATMAP_UIREVISION,
+        "margin": {"l": 60, "r": 20, "t": 50 if title else 20, "b": 40},
+        "xaxis": {"type": "category", "title": {"text": "decoding step (▼ = reselection)"}},
+        "yaxis": {
             "title": {"text": "frame time"}, "range": [len(frame_ids) - 0.5, -1.5],  # descending: frame 0 on top
             "tickvals": tick_frames, "ticktext": [_seconds_label(frame_times[f]) for f in tick_frames],
         },
+    }
+    return {"data": [heatmap, markers], "layout": layout}
+
+
+def step_heatmap(trace: dict, title: str = "") -> go.Figure:
+    """Frames (rows, frame 0 on top) × [TTM, step 1..S] (columns); cell = fraction of the frame's tokens kept."""
+    return go.Figure(_step_heatmap_spec(trace, title))
+
+
+def live_step_heatmap(trace: dict, title: str = "", height: int | None = None) -> go.Figure:
+    """`step_heatmap` without plotly's property validation, for updates while a request is still generating.
+
+    The same figure, built about 7× faster: validating a few thousand hover strings takes tens of ms of
+    Python, which would compete for the GIL with the generation thread whose speed the app reports. The
+    unit tests check that it equals the validated figure.
+    """
+    spec = _step_heatmap_spec(trace, title)
+    if height is not None:
+        spec["layout"]["height"] = int(height)
+    return go.Figure(spec, _validate=False)
+
+
+def partial_trace(
+    frame_times_s: list[float],
+    tokens_per_frame: int,
+    steps: list[dict],
+    ttm_kept_per_frame: list[int] | None = None,
+) -> dict:
+    """A trace in the CLI contract's layout from what a stream has delivered so far, for `step_heatmap`.
+
+    `steps` are {"kept_per_frame": [...], "reselected": bool} dicts, one per StepTrace received. Without
+    `ttm_kept_per_frame` (known only once the Result arrives) the TTM column is None: a gap, hover "pending".
+    """
+    frames = len(frame_times_s)
+    for index, step in enumerate(steps):
+        if len(step["kept_per_frame"]) != frames:
+            raise ValueError(f"step {index + 1} has {len(step['kept_per_frame'])} frames, expected {frames}")
+    return {
+        "frames": frames,
+        "tokens_per_frame": int(tokens_per_frame),
+        "frame_times_s": [float(t) for t in frame_times_s],
+        "ttm_kept_per_frame": [None] * frames if ttm_kept_per_frame is None else [int(k) for k in ttm_kept_per_frame],
+        "steps": [{"kept_per_frame": [int(k) for k in step["kept_per_frame"]],
+                   "reselected": bool(step.get("reselected", False))} for step in steps],
+    }
+
+
+# --- placeholders -------------------------------------------------------------------------------------
+
+
+def placeholder_figure(message: str, height: int = 260) -> go.Figure:
+    """An empty figure with one centred line of text: what a plot shows before there is anything to plot."""
+    fig = go.Figure()
+    fig.update_layout(
+        height=height, margin={"l": 10, "r": 10, "t": 10, "b": 10},
+        xaxis={"visible": False}, yaxis={"visible": False},
+        plot_bgcolor="rgba(0,0,0,0)", paper_bgcolor="rgba(0,0,0,0)",
+        annotations=[{"text": message, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5,
+                      "showarrow": False, "font": {"size": 14, "color": "#888"}}],
     )
     return fig
 

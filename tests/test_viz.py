@@ -8,7 +8,11 @@ import plotly.graph_objects as go
 import pytest
 from PIL import Image
 
-from dycoke.viz import bench_figure, gauges_figure, step_heatmap, ttm_frames_figure
+import json
+
+from dycoke.viz import (
+    bench_figure, gauges_figure, live_step_heatmap, partial_trace, placeholder_figure, step_heatmap, ttm_frames_figure,
+)
 
 N = 196
 
@@ -244,3 +248,45 @@ def test_bench_figure_uses_kv_bytes_without_peak_memory():
     assert list(traces[("dycoke", "x2")].y) == pytest.approx([0.8, 1.6, 3.2])
     assert "KV" in fig.layout.yaxis2.title.text
     assert_no_typed_arrays(fig)
+
+
+# --- live updates while streaming ----------------------------------------------------------------------------
+
+
+def test_partial_trace_has_the_contract_layout_and_a_pending_ttm_column():
+    steps = [{"kept_per_frame": [59, 17], "reselected": True}, {"kept_per_frame": [40, 36], "reselected": False}]
+    trace = partial_trace([0.0, 1.5], N, steps)
+    assert trace == {
+        "frames": 2, "tokens_per_frame": N, "frame_times_s": [0.0, 1.5], "ttm_kept_per_frame": [None, None],
+        "steps": steps,
+    }
+    assert partial_trace([0.0, 1.5], N, steps, ttm_kept_per_frame=[196, 58])["ttm_kept_per_frame"] == [196, 58]
+    with pytest.raises(ValueError, match="step 1 has 3 frames, expected 2"):
+        partial_trace([0.0, 1.5], N, [{"kept_per_frame": [1, 2, 3], "reselected": False}])
+
+
+def test_heatmap_of_a_partial_trace_leaves_the_ttm_column_blank():
+    steps = [{"kept_per_frame": [59, 17], "reselected": True}]
+    heatmap, markers = heatmap_and_markers(step_heatmap(partial_trace([0.0, 1.5], N, steps)))
+    assert [row[0] for row in heatmap.z] == [None, None]
+    np.testing.assert_allclose([row[1] for row in heatmap.z], [59 / N, 17 / N])
+    assert "pending" in heatmap.text[0][0] and "59/196" in heatmap.text[0][1]
+    assert list(markers.x) == ["1"]
+
+
+@pytest.mark.parametrize("ttm", [None, [196, 58, 58]])
+def test_live_heatmap_is_the_validated_figure(ttm):
+    steps = [{"kept_per_frame": [59, 17, 0], "reselected": i % 2 == 0} for i in range(5)]
+    trace = partial_trace([0.0, 1.0, 2.0], N, steps, ttm_kept_per_frame=ttm)
+    live = live_step_heatmap(trace, "live", height=380)
+    checked = step_heatmap(trace, "live")
+    checked.update_layout(height=380)
+    assert json.loads(live.to_json()) == json.loads(checked.to_json())
+    assert live.layout.uirevision == "dycoke-heatmap" and live.layout.height == 380
+    assert_no_typed_arrays(live)
+
+
+def test_placeholder_is_an_empty_figure_with_its_message():
+    fig = placeholder_figure("nothing yet", height=120)
+    assert len(fig.data) == 0 and fig.layout.height == 120
+    assert [a.text for a in fig.layout.annotations] == ["nothing yet"]

@@ -1,0 +1,393 @@
+"""The Gradio app, in-process with the tiny model, driven through gradio_client like a remote user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # app.py sits at the repository root, outside the installed package
+
+import app  # noqa: E402
+from dycoke.config import DyCokeConfig  # noqa: E402
+from dycoke.models import ModelLoadError  # noqa: E402
+from dycoke.video import VideoClip  # noqa: E402
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+SKIPPED = {"__type__": "update"}  # what the client receives for an output the handler left alone (gr.skip())
+FAST = dict(method="dycoke", compare="baseline", merge_ratio=0.7, window=4, prune_layer=3, prune_ratio=0.7,
+            threshold=0.9, num_frames=8, max_new_tokens=8, ignore_eos=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(pipeline):
+    demo = app.build_app(pipeline)
+    port = free_port()
+    app.launch_app(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture()
+def client(served):
+    return Client(served[1], verbose=False, download_files=False)
+
+
+@pytest.fixture()
+def decode_calls(served, monkeypatch):
+    """Counts the pipeline's video decodes."""
+    pipeline = served[0].dycoke.pipeline
+    calls = []
+    original = pipeline.load_video
+
+    def counting(path, num_frames=32):
+        calls.append((path, num_frames))
+        return original(path, num_frames)
+
+    monkeypatch.setattr(pipeline, "load_video", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def street(shared_videos) -> str:
+    path = shared_videos / "street_720p_3s.mp4"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return str(path)
+
+
+def ask(client: Client, video: str | None, question: str, **overrides) -> list[dict]:
+    """Submit one question, iterate the streamed job, and return each output as {name: value}."""
+    job = client.submit(video=None if video is None else handle_file(video), question=question,
+                        api_name="/ask", **(FAST | overrides))
+    outputs = [dict(zip(app.OUTPUTS, output)) for output in job]
+    job.result()  # raises AppError where the handler raised gr.Error
+    return outputs
+
+
+def latest(outputs: list[dict]) -> dict:
+    """What the page shows at the end: each output's last value that was not skipped."""
+    shown = {}
+    for output in outputs:
+        shown.update({name: value for name, value in output.items() if value != SKIPPED})
+    return shown
+
+
+def assistant_texts(chat) -> list[str]:
+    if chat == SKIPPED or not chat:
+        return []
+    texts = []
+    for message in chat:
+        if message["role"] != "assistant":
+            continue
+        content = message["content"]
+        texts.append(content if isinstance(content, str) else "".join(part.get("text", "") for part in content))
+    return texts
+
+
+def user_texts(chat) -> list[str]:
+    return [part["text"] for message in chat if message["role"] == "user" for part in message["content"]]
+
+
+def figure(value) -> dict:
+    assert isinstance(value, dict) and value["type"] == "plotly"
+    return json.loads(value["plot"])
+
+
+def heatmap_z(value) -> np.ndarray:
+    heatmaps = [trace for trace in figure(value)["data"] if trace["type"] == "heatmap"]
+    assert len(heatmaps) == 1
+    return np.array([[np.nan if cell is None else cell for cell in row] for row in heatmaps[0]["z"]], dtype=float)
+
+
+# --- the main flow -----------------------------------------------------------------------------------------
+
+
+def test_answers_stream_then_follow_up_reuses_the_decoded_frames(client, street, decode_calls):
+    outputs = ask(client, street, "What happens in this video?")
+    final = latest(outputs)
+
+    # Streaming: partial answers for both panes arrive before the final outputs.
+    partial_comparison = [o for o in outputs[:-1] if assistant_texts(o["comparison_chat"])]
+    partial_method = [o for o in outputs[:-1] if assistant_texts(o["method_chat"])]
+    assert len(outputs) >= 4, f"expected several streamed outputs, got {len(outputs)}"
+    assert partial_comparison and partial_method
+    comparison_answer = assistant_texts(final["comparison_chat"])[-1]
+    method_answer = assistant_texts(final["method_chat"])[-1]
+    assert comparison_answer and method_answer
+    first_partial = assistant_texts(partial_method[0]["method_chat"])[-1]
+    assert method_answer.startswith(first_partial) and len(first_partial) <= len(method_answer)
+
+    # A heatmap arrives while the method streams, its TTM column still pending (None).
+    live = [o["method_heatmap"] for o in outputs[:-1] if o["method_heatmap"] != SKIPPED]
+    assert live and np.isnan(heatmap_z(live[0])[:, 0]).all()
+
+    # Final heatmaps: frames × (TTM + one column per decoding step after the first token), values in 0..1.
+    for pane in ("comparison_heatmap", "method_heatmap"):
+        z = heatmap_z(final[pane])
+        assert z.shape == (8, 1 + FAST["max_new_tokens"] - 1)
+        assert not np.isnan(z).any() and ((0 <= z) & (z <= 1)).all()
+    assert (heatmap_z(final["comparison_heatmap"]) == 1).all()  # the baseline attends to everything
+    method_z = heatmap_z(final["method_heatmap"])
+    assert method_z[0, 0] == 1 and (method_z[1:4, 0] < 1).all()  # TTM: W=4, frame 0 is the window's reference
+    assert (method_z[:, 1:] < 1).all()  # DP attends to a subset at every step
+
+    # Gauges for both sides and the ratios; the TTM view is one image.
+    names = {trace.get("name") for trace in figure(final["gauges"])["data"]}
+    assert {"baseline/ttft_ms", "dycoke/ttft_ms", "dycoke/decode_tokens_per_s", "dycoke/speedup"} <= names
+    assert [trace["type"] for trace in figure(final["ttm_view"])["data"]] == ["image"]
+    assert "`baseline`" in final["comparison_header"] and "`dycoke`" in final["method_header"]
+    assert "K 0.70" in final["method_header"] and "8 frames" in final["method_header"]
+    assert "TTFT" in final["comparison_stats"] and "TTFT" in final["method_stats"]
+    assert "Decoded 8 frames" in final["status"]
+    assert final["question"] == ""
+    assert len(decode_calls) == 1
+
+    # A follow-up about the same video: no second decode, and both panes keep the conversation.
+    follow = latest(ask(client, street, "And then?"))
+    assert len(decode_calls) == 1, "the follow-up decoded the video again"
+    assert "Reused the 8 decoded frames" in follow["status"]
+    assert user_texts(follow["method_chat"]) == ["What happens in this video?", "And then?"]
+    assert user_texts(follow["comparison_chat"]) == ["What happens in this video?", "And then?"]
+    assert len(assistant_texts(follow["method_chat"])) == 2
+
+
+def test_non_video_upload_is_an_error_and_the_app_keeps_serving(client, street, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("this is not a video\n")
+    with pytest.raises(AppError) as caught:
+        ask(client, str(notes), "What happens?")
+    message = str(caught.value)
+    assert "notes.txt" in message and "not a readable video" in message and "MP4" in message
+    assert "/gradio/" not in message, "the server's upload path leaked into the message"
+
+    audio_only = Path(street).parent / "edge" / "bipbop_audioinit.mp4"
+    if audio_only.is_file():
+        with pytest.raises(AppError, match="has no video stream"):
+            ask(client, str(audio_only), "What happens?")
+
+    final = latest(ask(client, street, "What happens?"))
+    assert assistant_texts(final["method_chat"]) and assistant_texts(final["comparison_chat"])
+
+
+@pytest.mark.parametrize(
+    ("video", "question", "overrides", "expected"),
+    [
+        (None, "What happens?", {}, "No video yet"),
+        ("street", "   \t ", {}, "empty"),
+        # Out-of-range controls are refused by gradio itself, with the allowed values.
+        ("street", "What happens?", {"window": 3}, r"not in the list of choices: \[1, 2, 4, 8\]"),
+        ("street", "What happens?", {"prune_layer": 7}, "greater than maximum value 3"),
+        ("street", "What happens?", {"method": "nope"}, "nope is not in the list of choices"),
+    ],
+)
+def test_bad_input_gets_an_error_that_says_what_to_do(client, street, video, question, overrides, expected):
+    with pytest.raises(AppError, match=expected):
+        ask(client, street if video == "street" else video, question, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"window": 3}, r"Bad setting: window \(W\) must be a power of two"),
+        ({"prune_layer": 4}, r"prune_layer \(L\) must be in 1..3 for this model"),
+        ({"num_frames": 12}, r"frames must be one of \[8, 16, 32, 64\]"),
+        ({"max_new_tokens": 0}, "max new tokens must be an integer"),
+        ({"method": "nope"}, "Unknown method 'nope'"),
+        ({"compare": "nope"}, "Unknown comparison 'nope'"),
+    ],
+)
+def test_settings_are_checked_behind_the_controls(served, overrides, expected):
+    """What gets past gradio's own checks (the API, or a model with fewer layers) still gets a clear error."""
+    import gradio as gr
+
+    settings = {key: value for key, value in (FAST | overrides).items() if key != "ignore_eos"}
+    with pytest.raises(gr.Error, match=expected):
+        served[0].dycoke._settings(**settings)
+
+
+def test_settings_become_plain_numbers(served):
+    config, frames, tokens = served[0].dycoke._settings(**(
+        {key: value for key, value in FAST.items() if key != "ignore_eos"}
+        | {"prune_layer": 2.0, "window": "4", "num_frames": 8.0, "max_new_tokens": 8.0}))
+    assert type(config.prune_layer) is int and type(config.window) is int and config.prune_layer == 2
+    assert type(frames) is int and type(tokens) is int and type(config.merge_ratio) is float
+
+
+def test_compare_none_runs_the_method_alone(client, street, decode_calls):
+    final = latest(ask(client, street, "What happens?", compare="none", method="ttm"))
+    assert assistant_texts(final["method_chat"])
+    assert "comparison_chat" not in final or not assistant_texts(final["comparison_chat"])
+    names = {trace.get("name") for trace in figure(final["gauges"])["data"]}
+    assert "ttm/ttft_ms" in names and not any(name.endswith("/speedup") for name in names if name)
+    assert "`ttm`" in final["method_header"] and "K 0.70 · W 4" in final["method_header"]
+    assert "P 0.70" not in final["method_header"]  # ttm does not prune
+
+
+def test_clear_resets_the_conversation(client, street):
+    ask(client, street, "What happens?")
+    cleared = dict(zip(app.OUTPUTS, client.predict(api_name="/clear")))
+    assert cleared["method_chat"] == [] and cleared["comparison_chat"] == []
+    final = latest(ask(client, street, "Again?"))
+    assert user_texts(final["method_chat"]) == ["Again?"]
+
+
+# --- pieces -------------------------------------------------------------------------------------------------
+
+
+def test_server_side_settings_only(served):
+    config = served[0].config
+    labels = {component.get("props", {}).get("label") for component in config["components"]}
+    assert "Method (right pane)" in labels and not any(label and "model" in label.lower() for label in labels)
+    on_gpu = [fn for fn in served[0].fns.values() if fn.concurrency_id == app.GPU_QUEUE]
+    assert len(on_gpu) == 2 and all(fn.concurrency_limit == 1 for fn in on_gpu)  # Enter and Send
+    assert {fn.name for fn in on_gpu} == {"ask"}
+    assert served[0]._queue.max_size == app.QUEUE_MAX_SIZE
+
+
+def clip_of(num_frames: int, side: int = 8) -> VideoClip:
+    frames = np.zeros((num_frames, side, side, 3), dtype=np.uint8)
+    return VideoClip(frames=frames, timestamps=tuple(range(num_frames)), source_frames=num_frames, fps=1.0)
+
+
+def test_clip_cache_is_lru_bounded_by_count_and_bytes():
+    cache = app.ClipCache(max_items=2, max_bytes=10_000)
+    cache.put("a", clip_of(1))
+    cache.put("b", clip_of(1))
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("c", clip_of(1))
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    cache.put("big", clip_of(60))  # 11,520 bytes: over budget alone, still kept as the newest
+    assert len(cache) == 1 and cache.get("big") is not None
+
+
+def test_clip_cache_key_names_the_file_its_size_and_the_frame_count(tmp_path):
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"1")
+    first = app.ClipCache.key(str(path), 8)
+    assert first != app.ClipCache.key(str(path), 16)
+    path.write_bytes(b"22")
+    assert first != app.ClipCache.key(str(path), 8)
+
+
+def test_fallback_to_tiny_with_a_banner(tiny, monkeypatch):
+    def fake_load(name, device=None):
+        if name == "tiny":
+            return tiny
+        raise ModelLoadError(f"could not load model '{name}': no network")
+
+    monkeypatch.setattr(app, "load", fake_load)
+    choice = app.load_model("llava-hf/some-model")
+    assert choice.loaded is tiny and "no network" in choice.fallback_reason
+    banner = app.banner_markdown(choice)
+    assert "tiny random weights" in banner and "random demo weights" in banner
+    assert "`llava-hf/some-model`" in banner and "`cpu`" in banner and "`float32`" in banner
+
+    def broken(name, device=None):
+        raise ModelLoadError("could not load model 'tiny': broken")
+
+    monkeypatch.setattr(app, "load", broken)
+    with pytest.raises(ModelLoadError):  # no fallback from the fallback
+        app.load_model("tiny")
+
+
+def test_model_runs_are_wrapped_in_spaces_gpu_when_spaces_is_importable(pipeline, monkeypatch):
+    wrapped = []
+
+    class FakeSpaces:
+        @staticmethod
+        def GPU(duration):  # noqa: N802 - the real decorator's name
+            def decorate(fn):
+                wrapped.append((fn.__name__, duration))
+                return fn
+            return decorate
+
+    monkeypatch.setattr(app, "spaces", FakeSpaces)
+    app.DyCokeApp(pipeline, banner="")
+    assert wrapped == [("_model_runs", app.ZERO_GPU_DURATION_S)]
+    monkeypatch.setattr(app, "spaces", None)
+    assert app.gpu(len) is len
+
+
+def test_headers_show_only_the_knobs_a_method_uses():
+    config = DyCokeConfig()
+    assert app.settings_text("baseline", config, 32, 64) == "no compression · 32 frames · ≤64 new tokens"
+    assert app.settings_text("dycoke", config, 32, 64).startswith("K 0.70 · W 4 · L 3 · P 0.70 · τ 0.90")
+    assert app.settings_text("dp", config, 8, 16).startswith("L 3 · P 0.70")
+    assert "none" in app.pane_header("Comparison", "none", config, 8, 8)
+
+
+def test_arguments_and_environment(monkeypatch):
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("DYCOKE_MODEL", raising=False)
+    args = app.parse_args([])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 7860, app.DEFAULT_HUB_ID)
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "9001")
+    monkeypatch.setenv("DYCOKE_MODEL", "tiny")
+    args = app.parse_args([])
+    assert (args.port, args.model) == (9001, "tiny")
+    args = app.parse_args(["--port", "9002", "--host", "0.0.0.0", "--model", "ov-0.5b"])
+    assert (args.host, args.port, args.model) == ("0.0.0.0", 9002, "ov-0.5b")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
+    with pytest.raises(SystemExit):
+        app.parse_args([])
+
+
+def test_spacefile_runs_the_app_on_port_with_the_model_preset():
+    manifest = yaml.safe_load((ROOT / "Spacefile").read_text())
+    assert manifest["v"] == 0 and len(manifest["micros"]) == 1
+    micro = manifest["micros"][0]
+    assert micro["engine"].startswith("python") and "python app.py" in micro["run"] and "$PORT" in micro["run"]
+    presets = {env["name"]: env for env in micro["presets"]["env"]}
+    assert presets["DYCOKE_MODEL"]["default"] == app.DEFAULT_HUB_ID
+
+
+def test_python_app_py_serves_and_falls_back_to_tiny(tmp_path):
+    """`python app.py` with a model that cannot load: it logs why, serves, and shows the random-weights banner."""
+    port = free_port()
+    env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "DYCOKE_MODEL": str(tmp_path / "no-such-model")}
+    log = (tmp_path / "app.log").open("w+")
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"], cwd=ROOT, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        config = None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as response:
+                    config = json.load(response)
+                break
+            except OSError:
+                time.sleep(0.5)
+        log.seek(0)
+        output = log.read()
+        assert config is not None, f"the app did not come up:\n{output}"
+        values = " ".join(str(c.get("props", {}).get("value")) for c in config["components"])
+        assert "random demo weights" in values and "fell back" in values
+        assert "falling back to the tiny model" in output and "no-such-model" in output
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
