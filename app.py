@@ -16,10 +16,12 @@ except ImportError:
 
 import argparse
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +56,9 @@ HEATMAP_HEIGHT = 380
 GPU_QUEUE = "gpu"  # every event that runs the model shares this concurrency id, with a limit of 1
 QUEUE_MAX_SIZE = 16
 MAX_FILE_SIZE = "200mb"
+# Gradio's own upload cache: every hour, remove uploads older than two hours (a conversation rarely lasts longer;
+# a follow-up about a removed upload is asked to upload it again).
+DELETE_CACHE = (3600, 7200)
 ZERO_GPU_DURATION_S = 120
 CLIP_CACHE_ITEMS = 6
 CLIP_CACHE_BYTES = 1_500_000_000
@@ -215,6 +220,26 @@ def friendly_video_error(error: VideoError, path: str) -> str:
     return str(error).replace(str(path), f"'{Path(path).name}'")
 
 
+def short_hash(*parts: object) -> str:
+    """8 hex digits standing in for user data (a question, an upload) in the logs, which never hold the data itself."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(str(part).encode("utf-8", "replace") + b"\0")
+    return digest.hexdigest()[:8]
+
+
+def log_failure(ref: str, stage: str, error: BaseException) -> None:
+    """An unexpected fault: its type and where it happened, but not its message, which may quote user data."""
+    where = "".join(traceback.format_tb(error.__traceback__)).rstrip()
+    log.error("request %s: %s failed with %s\n%s", ref, stage, type(error).__name__, where)
+
+
+def user_message(error: Exception) -> str:
+    """A library error (one line that says what to change) as a sentence for the UI."""
+    text = str(error).strip().rstrip(".")
+    return f"{text[:1].upper()}{text[1:]}."
+
+
 def empty_state() -> dict:
     return {"video": None, "comparison": [], "method": []}
 
@@ -239,6 +264,17 @@ class DyCokeApp:
         self.banner = banner
         self.clips = ClipCache()
         self._run_on_gpu = gpu(self._model_runs)
+        # Where a video handed to `ask` may live: gradio's upload folder (uploads, cached examples) and the examples.
+        self.upload_roots: tuple[Path, ...] = (Path(gr.utils.get_upload_folder()).resolve(), EXAMPLES_DIR.resolve())
+
+    def is_upload(self, video: str) -> bool:
+        """Whether `video` is a file gradio received (or an example). The API's FileData names a `path`; gradio
+        already refuses one it did not receive, and this second check keeps it so if that ever changes."""
+        try:
+            resolved = Path(os.path.realpath(video))
+        except (TypeError, ValueError, OSError):
+            return False
+        return any(resolved.is_relative_to(root) for root in self.upload_roots)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -282,7 +318,7 @@ class DyCokeApp:
             raise gr.Error(f"Bad setting: {error}. Fix it under Settings and ask again.") from None
         return config, num_frames, max_new_tokens
 
-    def _clip(self, video: str, num_frames: int, progress: gr.Progress) -> tuple[VideoClip, bool]:
+    def _clip(self, video: str, num_frames: int, progress: gr.Progress, ref: str = "-") -> tuple[VideoClip, bool]:
         try:
             key = ClipCache.key(video, num_frames)
         except OSError:
@@ -298,7 +334,7 @@ class DyCokeApp:
         except RequestError as error:
             raise gr.Error(f"{error}. Pick fewer frames under Settings.") from None
         except Exception as error:  # the decoder's child process could not even start: say so, keep serving
-            log.exception("decoding %s failed", video)
+            log_failure(ref, "decoding", error)
             raise gr.Error(f"Could not decode '{Path(video).name}' ({type(error).__name__}). Try again, or "
                            "re-encode it as H.264 MP4.") from None
         self.clips.put(key, clip)
@@ -309,13 +345,21 @@ class DyCokeApp:
         """Answer `question` with the comparison, then with the method, streaming both panes; sequential runs."""
         if not video:
             raise gr.Error("No video yet: upload a video (MP4, WebM, MKV, AVI) or click an example, then ask.")
+        if not self.is_upload(video):  # checked before any stat or open: no probing of the server's files
+            log.warning("refused a video path outside the upload folder (path %s)", short_hash(video))
+            raise gr.Error("Upload the video as a file (in the page, or with gradio_client's handle_file): "
+                           "paths on the server are not accepted.")
         try:
             question = clean_question(question or "")
         except RequestError as error:
             raise gr.Error(f"{str(error)[0].upper()}{str(error)[1:]}.") from None
         config, num_frames, max_new_tokens = self._settings(
             method, compare, merge_ratio, window, prune_layer, prune_ratio, threshold, num_frames, max_new_tokens)
-        clip, reused = self._clip(video, num_frames, progress)
+        # The logs name a request by a short hash; the question and the upload only as hashes of their own.
+        ref = short_hash(video, question, time.time_ns(), threading.get_ident())
+        log.info("request %s: video %s, question %s, %s vs %s, %d frames, %d new tokens", ref, short_hash(video),
+                 short_hash(question), method, compare, num_frames, max_new_tokens)
+        clip, reused = self._clip(video, num_frames, progress, ref)
 
         state = dict(state or empty_state())
         if state.get("video") != video:  # a new video starts a new conversation
@@ -340,11 +384,11 @@ class DyCokeApp:
         # Validation and decoding above run on the CPU; only the model runs below hold the GPU (on ZeroGPU, in
         # its worker process, which is why the clip cache is filled out here, where it persists).
         yield from self._run_on_gpu(clip, question, method, compare, config, num_frames, max_new_tokens,
-                                    bool(ignore_eos), video, histories, progress)
+                                    bool(ignore_eos), video, histories, progress, ref)
 
     def _model_runs(self, clip: VideoClip, question: str, method: str, compare: str, config: DyCokeConfig,
                     num_frames: int, max_new_tokens: int, ignore_eos: bool, video: str, histories: dict,
-                    progress: gr.Progress) -> Iterator[tuple]:
+                    progress: gr.Progress, ref: str = "-") -> Iterator[tuple]:
         """The comparison, then the method, one after the other on the same frames, each streamed and timed."""
         runs = [("comparison", compare)] if compare != NO_COMPARISON else []
         runs.append(("method", method))
@@ -384,12 +428,16 @@ class DyCokeApp:
                             trace, f"{run_method} · step {len(steps)} (TTM column at the end)", live=True)
                     if updates:
                         yield self._outputs(**updates)
-            except (ConfigError, RequestError, VideoError) as error:
-                raise gr.Error(f"{error}. Change the input and ask again.") from None
-            except Exception as error:  # out of memory, a driver fault: say so, keep serving
-                log.exception("generation failed")
-                raise gr.Error(f"{run_method} failed: {type(error).__name__}: {error}. "
-                               "Try fewer frames or fewer new tokens.") from None
+            except (ConfigError, RequestError, VideoError) as error:  # out of memory is a RequestError too
+                log.warning("request %s: %s refused: %s", ref, run_method, type(error).__name__)
+                message = user_message(error)
+                if "ask again" not in message:
+                    message += " Change the input and ask again."
+                raise gr.Error(f"{run_method}: {message}") from None
+            except Exception as error:  # a bug or a driver fault: no traceback to the user, keep serving
+                log_failure(ref, run_method, error)
+                raise gr.Error(f"{run_method}: something went wrong (error {ref}). Try again, with fewer frames "
+                               "or fewer new tokens.") from None
             finally:
                 events.close()
             result = results[role]
@@ -479,7 +527,7 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
     default_frames = 32 if loaded.device.type == "cuda" else 16
     defaults = DyCokeConfig()
 
-    with gr.Blocks(title="DyCoke: token compression for video LLMs") as demo:
+    with gr.Blocks(title="DyCoke: token compression for video LLMs", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("## DyCoke: dynamic token compression for video LLMs\n"
                     "Upload a video and ask about it. The same model answers twice, one run after the other: "
                     "once with the comparison method (left) and once with DyCoke or the method you pick (right).")
@@ -582,6 +630,7 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
             knob.change(preview_headers, knobs, [comparison_header, method_header],
                         api_visibility="undocumented", queue=False, show_progress="hidden")
         demo.load(handlers.clear, outputs=outputs, api_visibility="undocumented", queue=False)
+    handlers.upload_roots = (Path(demo.GRADIO_CACHE).resolve(), EXAMPLES_DIR.resolve())
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=4)
     demo.dycoke = handlers  # for tests: the handlers, their pipeline and clip cache
     return demo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from dycoke.config import DyCokeConfig
 from dycoke.limits import (
-    MAX_FRAMES, VideoLimits, check_frames, check_new_tokens, check_question_tokens, clean_question,
+    MAX_FRAMES, RequestError, VideoLimits, check_frames, check_new_tokens, check_question_tokens, clean_question,
 )
 from dycoke.methods import Method, VisualInput, VisualLayout, get_method, install_hooks
 from dycoke.metrics import Clock, RequestTimes, cache_bytes, peak_memory_bytes, reset_peak_memory
@@ -25,6 +26,8 @@ from dycoke.visionzip import feature_layer_index
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"
 Progress = Callable[[float, str], None]
+# What running out of memory raises: CUDA's allocator (torch.OutOfMemoryError, a RuntimeError) or the host's.
+OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,26 @@ class Pipeline:
         times = RequestTimes(decode_video_s=clip.decode_seconds)
         chosen = chosen.resolve(requested, clip.num_frames, self.loaded.tokens_per_frame)  # e.g. a matched budget
         report(0.3, "encoding frames")
-        with torch.inference_mode():
-            prepared = self.prepare(clip, prompt, chosen, settings, times)
+        out_of_memory = False
+        try:
+            with torch.inference_mode():
+                prepared = self.prepare(clip, prompt, chosen, settings, times)
+        except OUT_OF_MEMORY:
+            out_of_memory = True  # raised below, outside this block, so no traceback keeps the tensors alive
+        if out_of_memory:
+            raise self._out_of_memory(clip.num_frames)
         report(0.5, "generating")
         yield from self._generate(prepared, clip, chosen, settings, max_new_tokens, ignore_eos)
+
+    def _out_of_memory(self, num_frames: int, prepared: Prepared | None = None) -> RequestError:
+        """Free what the failed request held, then the one-line error that tells the user what to change."""
+        if prepared is not None:
+            prepared.embeds = prepared.cache = prepared.keep_mask = None
+        gc.collect()
+        if self.loaded.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return RequestError(f"out of memory at {num_frames} frames: use fewer frames (or fewer new tokens) "
+                            "and ask again")
 
     def prepare(self, clip: VideoClip, prompt: tuple[list[int], list[int]], method: Method,
                 settings: DyCokeConfig, times: RequestTimes | None = None) -> Prepared:
@@ -187,14 +206,21 @@ class Pipeline:
             daemon=True,
         )
         worker.start()
+        failure: BaseException | None = None
         try:
             while (event := events.get()) is not _DONE:
                 if isinstance(event, BaseException):
-                    raise event
+                    failure = event
+                    break
                 yield event
-        finally:
+        finally:  # also when the consumer stops early (close, GeneratorExit) or raises: the worker always ends
             cancelled.set()
             worker.join()
+        if isinstance(failure, OUT_OF_MEMORY):
+            failure = None  # its traceback holds generate's frames and their tensors: drop it before freeing
+            raise self._out_of_memory(clip.num_frames, prepared)
+        if failure is not None:
+            raise failure  # any other fault reaches the caller as it was raised, the worker already joined
         yield self._result(prepared, clip, method, settings, streamer)
 
     def _run_generate(self, prepared: Prepared, streamer: "_TraceStreamer", max_new_tokens: int,

@@ -53,3 +53,21 @@ def clip8() -> VideoClip:
 @pytest.fixture(scope="session")
 def clip32() -> VideoClip:
     return moving_square_clip(32)
+
+
+@pytest.fixture()
+def one_intra_op_thread():
+    """torch on one intra-op thread for the test, restored after.
+
+    CPU float reductions depend on how many threads split them, and the random tiny model is chaotic, so runs
+    that overlap in time can differ from a solo run by float noise that is not cross-talk. One thread makes the
+    reductions deterministic, so "equals the answer it gives alone" can be checked exactly.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -157,7 +157,8 @@ def test_kv_bytes_match_the_cache_geometry(pipeline, clip8, tiny):
     assert result.metrics["kv_cache_bytes"] == expected
 
 
-def test_concurrent_requests_do_not_see_each_others_state(pipeline, clip8, clip32):
+def test_concurrent_requests_do_not_see_each_others_state(pipeline, clip8, clip32, one_intra_op_thread):
+    # one_intra_op_thread: with several intra-op threads, overlapping runs may differ from solo runs by float noise.
     jobs = [(clip8, dict(prune_ratio=0.5, reselect_threshold=0.95)), (clip32, dict(prune_ratio=0.8, window=8))]
     alone = [run(pipeline, clip, "dycoke", **config) for clip, config in jobs]
     together: list = [None, None]
