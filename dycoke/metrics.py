@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,48 @@ class Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+class Stopwatch:
+    """Adds up the time spent in named regions without ever waiting for the device.
+
+    Host time comes from perf_counter. On CUDA each region also records a pair of events, read once at the end,
+    which gives the device time of the work the region queued.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.on_cuda = device.type == "cuda"
+        self.host_s: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._event_pairs: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start(self) -> tuple[float, "torch.cuda.Event | None"]:
+        event = None
+        if self.on_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return time.perf_counter(), event
+
+    def stop(self, region: str, started: tuple[float, "torch.cuda.Event | None"]) -> None:
+        start_time, start_event = started
+        self.host_s[region] += time.perf_counter() - start_time
+        self.calls[region] += 1
+        if start_event is not None:
+            end_event = torch.cuda.Event(enable_timing=True)
+            end_event.record()
+            self._event_pairs.append((region, start_event, end_event))
+
+    def totals_ms(self) -> dict[str, dict[str, float | int | None]]:
+        """Per region: host ms, device ms (None off CUDA) and the number of times it ran."""
+        device_ms: dict[str, float] = defaultdict(float)
+        for region, start, end in self._event_pairs:
+            end.synchronize()
+            device_ms[region] += start.elapsed_time(end)
+        return {
+            region: {"host_ms": _ms(seconds), "device_ms": round(device_ms[region], 3) if self.on_cuda else None,
+                     "calls": self.calls[region]}
+            for region, seconds in self.host_s.items()
+        }
 
 
 def reset_peak_memory(device: torch.device) -> None:

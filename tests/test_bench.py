@@ -1,0 +1,164 @@
+"""The benchmark: it runs end to end on `tiny`, its analytic figures match hand counts, its ratios come from its own run.
+
+No timing is asserted anywhere: the numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from dycoke.bench import (
+    DEVICE_TABLE,
+    DeviceSpec,
+    RATIO_KEYS,
+    decode_flops,
+    kv_bytes,
+    main,
+    parse_method_spec,
+    parse_methods,
+    physical_limits,
+    prefill_flops,
+    synthetic_clip,
+    table_device,
+    vision_flops,
+)
+from dycoke.config import ConfigError
+
+# hidden 8, 2 heads of 4, 1 kv head, MLP 16, 2 layers, vocabulary 10
+SMALL_TEXT = SimpleNamespace(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=10)
+# 28 px frames of 14 px patches: 4 patches; width 4, MLP 8, one layer, no pooling head
+SMALL_VISION = SimpleNamespace(image_size=28, patch_size=14, hidden_size=4, intermediate_size=8, num_hidden_layers=1)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    code = main(["--preset", "tiny", "--device", "cpu", "--frames", "2,4", "--methods", "baseline,dycoke",
+                 "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--out", str(out), "--quiet"])
+    assert code == 0
+    assert out.with_suffix(".html").stat().st_size > 1000
+    return json.loads(out.read_text())
+
+
+def test_bench_writes_a_report_with_every_row_and_key(report, capsys):
+    assert report["schema"] == "dycoke.bench/1"
+    assert report["model"]["name"] == "tiny"
+    assert report["settings"]["frames"] == [2, 4]
+    assert report["settings"]["methods"] == ["baseline", "dycoke"]
+    assert report["machine"]["name"].startswith("cpu-")
+    assert {"H100", "H200", "A10G", "L4", "used"} <= set(report["device_table"])
+    assert [(row["frames"], row["method"]) for row in report["rows"]] == [
+        (2, "baseline"), (2, "dycoke"), (4, "baseline"), (4, "dycoke")]
+    for row in report["rows"]:
+        for key in ("ttft_ms", "prefill_ms", "decode_ms_per_token", "latency_ms", "kv_cache_bytes",
+                    "peak_memory_bytes", "peak_above_weights_bytes", "visual_tokens_prefill",
+                    "visual_tokens_attended", "reselection_rate", "flops", "limit", "limits_by_device",
+                    "vs_baseline", "spread", "overhead", "decode_step_split_ms"):
+            assert key in row, key
+        assert row["samples"] == 1 and row["new_tokens"] == 4
+        assert row["peak_memory_bytes"] is None  # CPU: not measured
+        assert row["flops"]["prefill"] > 0 and row["flops"]["decode_step"] > 0 and row["flops"]["vision"] > 0
+        assert 0 < row["limit"]["decode_step_ms"] and 0 < row["limit"]["prefill_ms"]
+        assert set(row["limits_by_device"]) == set(DEVICE_TABLE)
+        assert row["spread"]["latency_ms"]["min"] <= row["latency_ms"] <= row["spread"]["latency_ms"]["max"]
+    baseline, dycoke = report["rows"][2], report["rows"][3]
+    assert baseline["visual_tokens_prefill"] == baseline["visual_tokens_attended"] == 4 * 196
+    assert dycoke["visual_tokens_attended"] < dycoke["visual_tokens_prefill"] < 4 * 196
+    assert dycoke["reselection_rate"] > 0 and baseline["reselection_rate"] == 0
+    assert dycoke["overhead"]["score_select_ms"] > 0 and baseline["overhead"]["score_select_ms"] == 0
+
+
+def test_analytic_kv_bytes_equal_the_measured_baseline_cache(report):
+    for row in report["rows"]:
+        if row["method"] == "baseline":
+            assert row["kv_cache_bytes"] == row["kv_cache_bytes_analytic_full"]
+
+
+def test_ratio_columns_come_from_the_same_run(report):
+    rows = report["rows"]
+    for frames in report["settings"]["frames"]:
+        baseline = next(r for r in rows if r["frames"] == frames and r["method"] == "baseline")
+        for row in (r for r in rows if r["frames"] == frames):
+            for name, key in RATIO_KEYS.items():
+                if baseline[key] is None or row[key] is None:
+                    assert row["vs_baseline"][name] is None
+                else:
+                    assert row["vs_baseline"][name] == pytest.approx(baseline[key] / row[key])
+            assert row["vs_baseline"]["prefill_flops"] == pytest.approx(
+                baseline["flops"]["prefill"] / row["flops"]["prefill"])
+        assert all(baseline["vs_baseline"][name] in (None, pytest.approx(1.0)) for name in RATIO_KEYS)
+
+
+def test_prefill_flops_match_a_hand_count():
+    # Per layer and token, matmul weights: q 8*8 + k 8*4 + v 8*4 + o 8*8 + MLP 3*8*16 = 64+32+32+64+384 = 576.
+    # 3 tokens: linear 2*3*576 = 3456; causal pairs 3*4/2 = 6, QK 2*2*4*6 = 96 and AV 96: 3648 per layer.
+    # Two layers 7296, plus the LM head for one position, 2*8*10 = 160.
+    assert prefill_flops(SMALL_TEXT, 3) == 7456
+    assert prefill_flops(SMALL_TEXT, 3, logits_tokens=3) == 7296 + 3 * 160
+
+
+def test_decode_flops_match_a_hand_count():
+    # One token: linear 2*576 per layer, attention 2*2*(2 heads*4)*keys per layer, LM head 160.
+    assert decode_flops(SMALL_TEXT, 5) == 2 * 1152 + 2 * 160 + 160  # 2784
+    assert decode_flops(SMALL_TEXT, [5, 2]) == 2 * 1152 + (160 + 64) + 160  # layer 1 attends 2 keys
+    # DP's scoring: q and k projections 2*8*(2+1)*4 = 192, QK over 5 keys 2*2*4*5 = 80.
+    assert decode_flops(SMALL_TEXT, 5, scored_keys=5) == 2784 + 192 + 80
+    with pytest.raises(ValueError):
+        decode_flops(SMALL_TEXT, [5, 5, 5])
+
+
+def test_kv_bytes_match_a_hand_count():
+    # K and V, 2 layers, 1 kv head of 4, 2 bytes each (bf16), 7 positions: 2*2*1*4*2*7 = 224.
+    assert kv_bytes(SMALL_TEXT, 7, 2) == 224
+    assert kv_bytes(SMALL_TEXT, [7, 3], 4) == 2 * 1 * 4 * 4 * (7 + 3)
+
+
+def test_vision_flops_match_a_hand_count():
+    # 4 patches: embedding 2*4*(3*14*14)*4 = 18816; layer 2*4*(4*16 + 2*4*8) = 1024 plus attention 4*4*4*4 = 256;
+    # projector to the 8-wide text model 2*4*(4*8 + 8*8) = 768. Per frame 20864, two frames 41728.
+    assert vision_flops(SMALL_VISION, 2, text_hidden=8) == 41728
+
+
+def test_physical_limits_are_bytes_over_bandwidth_and_flops_over_peak():
+    device = DeviceSpec("toy", bandwidth_bytes_per_s=1e9, peak_flops_per_s=1e12, source="test")
+    limits = physical_limits(device, language_weight_bytes=3_000_000, attended_kv_bytes=1_000_000,
+                             flops={"prefill": 2e12, "vision": 1e12}, new_tokens=5)
+    assert limits["decode_step_ms"] == pytest.approx(4.0)  # 4 MB at 1 GB/s
+    assert limits["prefill_ms"] == pytest.approx(2000.0)
+    assert limits["ttft_ms"] == pytest.approx(3000.0)
+    assert limits["latency_ms"] == pytest.approx(3000.0 + 4 * 4.0)
+
+
+def test_method_specs_and_device_names():
+    spec = parse_method_spec("dycoke:tau=-1:P=0.5")
+    assert (spec.label, spec.method, spec.overrides) == ("dycoke:tau=-1:P=0.5", "dycoke",
+                                                          {"reselect_threshold": -1.0, "prune_ratio": 0.5})
+    assert [s.label for s in parse_methods("dycoke,ttm")] == ["baseline", "dycoke", "ttm"]
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method_spec("nope")
+    with pytest.raises(ValueError, match="bad setting"):
+        parse_method_spec("dycoke:speed=9")
+    with pytest.raises(ConfigError):
+        parse_method_spec("dycoke:P=1.5")
+    assert table_device("NVIDIA H100 80GB HBM3") == "H100"
+    assert table_device("NVIDIA H100 PCIe") == "H100-PCIe"
+    assert table_device("NVIDIA H200") == "H200"
+    assert table_device("NVIDIA A10G") == "A10G"
+    assert table_device("NVIDIA L4") == "L4"
+    assert table_device("NVIDIA L40S") is None
+
+
+def test_synthetic_clip_is_deterministic_and_moves():
+    first, again = synthetic_clip(4), synthetic_clip(4)
+    assert first.frames.shape == (4, 384, 384, 3)
+    assert (first.frames == again.frames).all()
+    assert (first.frames[0] != first.frames[1]).any()
+
+
+def test_prefill_flops_per_layer_lengths():
+    # Layer 0 over 3 tokens (3648, as above), layer 1 over 2: linear 2*2*576 = 2304, pairs 3, attention 2*2*2*4*3 = 96.
+    assert prefill_flops(SMALL_TEXT, [3, 2]) == 3648 + 2304 + 96 + 160
