@@ -118,7 +118,8 @@ def build_random(preset: str, device: torch.device, dtype: torch.dtype, seed: in
     sizes = PRESETS[preset]
     vocab_size = sizes["text"].get("vocab_size", len(tokenizer))
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **sizes["vision"]),
+        vision_config=SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False,
+                                         **sizes["vision"]),
         text_config=Qwen2Config(**{**sizes["text"], "vocab_size": vocab_size}, max_position_embeddings=32768,
                                 tie_word_embeddings=True),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
