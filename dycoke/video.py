@@ -14,12 +14,16 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import decord
 import numpy as np
 from PIL import Image
 
 from dycoke.limits import VideoLimits
+
+if TYPE_CHECKING:
+    import torch
 
 # Everything decord has been seen to raise on bad input (DECORDError is not a RuntimeError).
 _DECORD_ERRORS = (decord.DECORDError, RuntimeError, OSError, ValueError, IndexError)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +74,23 @@ def one_intra_op_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(pipeline) -> Iterator[tuple]:
+    """The app, launched in-process on a free loopback port; yields (demo, url) and closes it afterwards."""
+    import app
+
+    demo = app.build_app(pipeline)
+    port = free_port()
+    app.launch_app(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,27 +25,17 @@ from dycoke.video import VideoClip  # noqa: E402
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from conftest import free_port, serving  # noqa: E402
 
 SKIPPED = {"__type__": "update"}  # what the client receives for an output the handler left alone (gr.skip())
 FAST = dict(method="dycoke", compare="baseline", merge_ratio=0.7, window=4, prune_layer=3, prune_ratio=0.7,
             threshold=0.9, num_frames=8, max_new_tokens=8, ignore_eos=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(pipeline):
-    demo = app.build_app(pipeline)
-    port = free_port()
-    app.launch_app(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo, f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serving(pipeline) as served_app:
+        yield served_app
 
 
 @pytest.fixture()

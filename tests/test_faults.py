@@ -7,7 +7,6 @@ import gc
 import logging
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 import weakref
@@ -150,16 +149,10 @@ def test_the_generate_thread_is_joined_when_the_consumer_stops_early(pipeline, c
 
 @pytest.fixture(scope="module")
 def served_app(pipeline):
-    import app
-    from test_app import free_port
+    from conftest import serving
 
-    demo = app.build_app(pipeline)
-    port = free_port()
-    app.launch_app(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo, f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serving(pipeline) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ request gives alone (no cross-talk), and afterwards no temp files or threads are
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import tempfile
@@ -26,7 +25,8 @@ import app  # noqa: E402
 
 pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
-from test_app import assistant_texts, free_port  # noqa: E402
+from conftest import serving  # noqa: E402
+from test_app import assistant_texts  # noqa: E402
 
 USERS = 8
 REQUESTS = 40
@@ -80,14 +80,9 @@ def private_tmp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(pipeline, private_tmp):
-    demo = app.build_app(pipeline)
-    assert Path(demo.GRADIO_CACHE).resolve().is_relative_to(private_tmp.resolve())
-    port = free_port()
-    app.launch_app(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo, f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serving(pipeline) as (demo, url):
+        assert Path(demo.GRADIO_CACHE).resolve().is_relative_to(private_tmp.resolve())
+        yield demo, url
 
 
 def specs_for(videos: list[str]) -> list[Spec]:
