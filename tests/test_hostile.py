@@ -100,3 +100,25 @@ def test_long_video_is_sampled_uniformly(shared_videos):
     clip = load_video_isolated(shared_videos / "big_buck_bunny_480p_30s.mp4", 4)
     assert clip.num_frames == 4 and clip.source_frames == 720
     assert clip.timestamps == pytest.approx([0.0, 240 / 24, 479 / 24, 719 / 24], abs=0.05)
+
+
+def test_the_app_refuses_every_hostile_file_and_keeps_serving(hostile_corpus, pipeline, shared_videos):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from conftest import serving
+    from test_app import ask, assistant_texts, latest
+
+    with serving(pipeline) as (_, url):
+        client = Client(url, verbose=False, download_files=False)
+        refused = []
+        for label, path in hostile_corpus.items():
+            with pytest.raises(AppError) as caught:
+                ask(client, str(path), "What is this?")
+            message = str(caught.value)
+            assert message.strip() and "Traceback" not in message and "\n" not in message.strip(), label
+            refused.append(label)
+        final = latest(ask(client, str(shared_videos / "street_720p_3s.mp4"), "What happens?"))
+        client.close()
+    assert assistant_texts(final["method_chat"]), "the app stopped answering after the hostile files"
+    print(f"\napp: hostile files refused {len(refused)} of {len(hostile_corpus)}, then answered a good request")
