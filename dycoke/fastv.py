@@ -96,7 +96,7 @@ def _score_last_prompt_token(attention: torch.nn.Module, args: tuple, kwargs: di
         return
     hidden_states = kwargs.get("hidden_states", args[0] if args else None)
     if hidden_states.shape[0] != 1:
-        raise NotImplementedError("fastv runs one request at a time (batch size 1)")
+        raise ValueError("fastv runs one request at a time (batch size 1)")
     keys = cache.layers[attention.layer_idx].keys  # the whole prompt, rotary embeddings applied
     cache.select(last_token_attention(attention, hidden_states, kwargs["position_embeddings"], keys))
 
@@ -110,7 +110,7 @@ def _keep_only_kept_tokens(layer: torch.nn.Module, args: tuple, kwargs: dict):
     cos, sin = kwargs["position_embeddings"]
     mask = kwargs.get("attention_mask")
     if mask is not None and not isinstance(mask, torch.Tensor):
-        raise NotImplementedError(f"fastv needs sdpa, eager or flash attention, not a {type(mask).__name__} mask")
+        raise ValueError(f"fastv needs sdpa, eager or flash attention, not a {type(mask).__name__} mask")
     if cos.shape[1] == cache.prompt_length:  # prefill: the full-length inputs Qwen2Model hands every layer
         if hidden_states.shape[1] == cache.prompt_length:  # layer K; later layers already get the kept tokens
             hidden_states = hidden_states.index_select(1, kept)

@@ -23,6 +23,14 @@ def shared_videos() -> Path:
 
 
 @pytest.fixture(scope="session")
+def street(shared_videos) -> str:
+    path = shared_videos / "street_720p_3s.mp4"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny():
     from dycoke.models import load
 

@@ -58,14 +58,6 @@ def decode_calls(served, monkeypatch):
     return calls
 
 
-@pytest.fixture(scope="module")
-def street(shared_videos) -> str:
-    path = shared_videos / "street_720p_3s.mp4"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return str(path)
-
-
 def ask(client: Client, video: str | None, question: str, **overrides) -> list[dict]:
     """Submit one question, iterate the streamed job, and return each output as {name: value}."""
     job = client.submit(video=None if video is None else handle_file(video), question=question,

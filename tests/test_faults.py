@@ -155,14 +155,6 @@ def served_app(pipeline):
         yield served
 
 
-@pytest.fixture(scope="module")
-def street(shared_videos) -> str:
-    path = shared_videos / "street_720p_3s.mp4"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return str(path)
-
-
 def method_answer(client, video: str) -> str:
     from gradio_client import handle_file
 
