@@ -510,6 +510,19 @@ def _examples() -> tuple[list[list[str]], list[str]]:
     return rows, [path.stem.replace("_", " ") for path in files]
 
 
+def answer_pane(role: str, header: str, placeholder: str) -> tuple[gr.Column, tuple]:
+    """One answer pane: its header, streaming chat, stats line and per-step heatmap."""
+    with gr.Column(min_width=300) as column:
+        components = (
+            gr.Markdown(header, elem_classes=["pane-header"], elem_id=f"{role}-header"),
+            gr.Chatbot(label=f"{role} answer", height=260, buttons=["copy"], render_markdown=False,
+                       elem_id=f"{role}-chat", show_label=False, placeholder=placeholder),
+            gr.Markdown(elem_classes=["pane-stats"], elem_id=f"{role}-stats"),
+            gr.Plot(show_label=False, elem_id=f"{role}-heatmap"),
+        )
+    return column, components
+
+
 def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
     """The gr.Blocks UI around one pipeline. Launch it with `launch_app`, which sets the CSS and upload limit."""
     if isinstance(model, ModelChoice):
@@ -577,24 +590,13 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
                     gr.Markdown("\n".join(f"- `{name}`: {get_method(name).summary}" for name in names))
             with gr.Column(scale=3):
                 with gr.Row(equal_height=False):
-                    with gr.Column(min_width=300) as comparison_column:
-                        comparison_header = gr.Markdown(
-                            pane_header("Comparison", default_compare, defaults, default_frames, 64),
-                            elem_classes=["pane-header"], elem_id="comparison-header")
-                        comparison_chat = gr.Chatbot(label="comparison answer", height=260, buttons=["copy"],
-                                                     render_markdown=False, elem_id="comparison-chat", show_label=False,
-                                                     placeholder="The comparison's answer streams here.")
-                        comparison_stats = gr.Markdown(elem_classes=["pane-stats"], elem_id="comparison-stats")
-                        comparison_heatmap = gr.Plot(show_label=False, elem_id="comparison-heatmap")
-                    with gr.Column(min_width=300):
-                        method_header = gr.Markdown(
-                            pane_header("Method", default_method, defaults, default_frames, 64),
-                            elem_classes=["pane-header"], elem_id="method-header")
-                        method_chat = gr.Chatbot(label="method answer", height=260, buttons=["copy"],
-                                                 render_markdown=False, elem_id="method-chat", show_label=False,
-                                                 placeholder="The method's answer streams here.")
-                        method_stats = gr.Markdown(elem_classes=["pane-stats"], elem_id="method-stats")
-                        method_heatmap = gr.Plot(show_label=False, elem_id="method-heatmap")
+                    comparison_column, (comparison_header, comparison_chat, comparison_stats,
+                                        comparison_heatmap) = answer_pane(
+                        "comparison", pane_header("Comparison", default_compare, defaults, default_frames, 64),
+                        "The comparison's answer streams here.")
+                    _, (method_header, method_chat, method_stats, method_heatmap) = answer_pane(
+                        "method", pane_header("Method", default_method, defaults, default_frames, 64),
+                        "The method's answer streams here.")
                 gr.Markdown("**Heatmap:** one row per frame (its time on the left), one column per decoding "
                             "step; colour = share of that frame's tokens the new token attended to at layers ≥ L "
                             "(1 = all). The first column, TTM, is the share of each frame's tokens that entered "

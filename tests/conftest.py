@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,3 +103,18 @@ def serving(pipeline) -> Iterator[tuple]:
         yield demo, f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+def run_in_threads(calls: list, timeout: float = 120.0) -> list:
+    """Start every call in its own thread at once, join them all, and return their results in order."""
+    results: list = [None] * len(calls)
+
+    def work(index: int) -> None:
+        results[index] = calls[index]()
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    return results

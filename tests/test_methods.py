@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 
 import pytest
 import torch
 
+from conftest import run_in_threads
 from dycoke.cli import main
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.methods import configure, get_method, match_budget, matchable_names, method_names
@@ -268,16 +268,7 @@ def test_peer_requests_do_not_see_each_others_state(pipeline, clip8):
     jobs = [(clip8, configure("fastv", fastv_ratio=0.7)), (clip8, configure("fastv", fastv_layer=1)),
             (clip8, "visionzip")]
     alone = [run(pipeline, clip, method) for clip, method in jobs]
-    together: list = [None] * len(jobs)
-
-    def work(index):
-        together[index] = run(pipeline, *jobs[index])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    together = run_in_threads([lambda job=job: run(pipeline, *job) for job in jobs])
     for solo, concurrent in zip(alone, together):
         assert concurrent.token_ids == solo.token_ids
         assert concurrent.trace == solo.trace

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
 
+from conftest import run_in_threads
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.methods import get_method
 from dycoke.limits import RequestError
@@ -160,17 +160,7 @@ def test_concurrent_requests_do_not_see_each_others_state(pipeline, clip8, clip3
     # one_intra_op_thread: with several intra-op threads, overlapping runs may differ from solo runs by float noise.
     jobs = [(clip8, dict(prune_ratio=0.5, reselect_threshold=0.95)), (clip32, dict(prune_ratio=0.8, window=8))]
     alone = [run(pipeline, clip, "dycoke", **config) for clip, config in jobs]
-    together: list = [None, None]
-
-    def work(index):
-        clip, config = jobs[index]
-        together[index] = run(pipeline, clip, "dycoke", **config)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    together = run_in_threads([lambda job=job: run(pipeline, job[0], "dycoke", **job[1]) for job in jobs])
     for solo, concurrent in zip(alone, together):
         assert concurrent.token_ids == solo.token_ids
         assert concurrent.trace["steps"] == solo.trace["steps"]
