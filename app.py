@@ -33,7 +33,7 @@ from dycoke import viz
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.limits import RequestError, check_new_tokens, clean_question
 from dycoke.methods import get_method, method_names
-from dycoke.models import DEFAULT_HUB_ID, LoadedModel, ModelLoadError, load
+from dycoke.models import DEFAULT_HUB_ID, OFFLINE_DEFAULT, LoadedModel, ModelLoadError, load
 from dycoke.pipeline import Pipeline, Result, StepTrace, TextDelta
 from dycoke.video import VideoClip, VideoError
 
@@ -95,10 +95,10 @@ def load_model(name: str, device: str | None = None) -> ModelChoice:
     try:
         return ModelChoice(load(name, device=device), name)
     except ModelLoadError as error:
-        if name == "tiny":
+        if name == OFFLINE_DEFAULT:
             raise
         log.warning("%s; falling back to the tiny model with random demo weights", error)
-        return ModelChoice(load("tiny", device=device), name, fallback_reason=str(error))
+        return ModelChoice(load(OFFLINE_DEFAULT, device=device), name, fallback_reason=str(error))
 
 
 def banner_markdown(choice: ModelChoice) -> str:
@@ -113,7 +113,7 @@ def banner_markdown(choice: ModelChoice) -> str:
     if choice.fallback_reason:
         cause = choice.fallback_reason.split("': ", 1)[-1]  # "could not load model 'NAME': CAUSE"
         lines.append(f"The app asked for `{choice.requested}` but could not load it ({cause.rstrip('.')}), so it "
-                     "fell back to `tiny`. Start it with `--model` or `DYCOKE_MODEL` on a machine that can reach "
+                     f"fell back to `{OFFLINE_DEFAULT}`. Start it with `--model` or `DYCOKE_MODEL` on a machine that can reach "
                      "the weights.")
     return "\n\n".join(lines)
 

@@ -39,7 +39,7 @@ SCHEMA = "dycoke.bench/1"
 
 # Repeats and warm-up per preset: `mini` at 8 and 32 frames stays within a few minutes on two CPU cores.
 PRESET_DEFAULTS = {
-    "tiny": dict(repeats=3, warmup=1),
+    "tiny-random": dict(repeats=3, warmup=1),
     "mini": dict(repeats=3, warmup=1),
     "ov-0.5b": dict(repeats=5, warmup=1),
     "ov-7b": dict(repeats=5, warmup=1),
@@ -907,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Latency, memory and physical limits of every method, side by side in one process.",
     )
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--preset", choices=["tiny", "mini", "ov-0.5b", "ov-7b"],
+    model.add_argument("--preset", choices=["tiny-random", "mini", "ov-0.5b", "ov-7b"],
                        help="random-weight model with the compute of its name (default: mini)")
     model.add_argument("--model", help="real weights: a Hugging Face Hub id or a local path")
     parser.add_argument("--frames", default="8,32", help="comma-separated frame counts (default: 8,32)")

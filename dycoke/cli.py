@@ -12,7 +12,7 @@ from dycoke.limits import MAX_FRAMES, RequestError, check_frames, check_new_toke
 from dycoke.methods import configure, get_method, matchable_names, method_names
 from dycoke.video import VideoError, load_video_isolated
 
-TINY_NOTICE = "note: the 'tiny' model has random weights; its answers are meaningless (token counts and timings are real)"
+TINY_NOTICE = "note: the 'tiny-random' model has random weights; its answers are meaningless (token counts and timings are real)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     answer = commands.add_parser("answer", help="answer a question about a video")
     answer.add_argument("video", help="path to a video file")
     answer.add_argument("question", help="the question to ask about the video")
-    answer.add_argument("--model", default="tiny", help="tiny, a Hugging Face Hub id or a local path (default: tiny)")
+    answer.add_argument("--model", default="tiny-random", help="tiny-random, a Hugging Face Hub id or a local path (default: tiny-random)")
     answer.add_argument("--method", default="dycoke", choices=method_names(), help="compression method")
     answer.add_argument("--frames", type=int, default=32, help=f"frames sampled uniformly, 1..{MAX_FRAMES}")
     answer.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens")

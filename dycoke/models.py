@@ -1,4 +1,4 @@
-"""Loading LLaVA-OneVision: real weights from the Hub or a path, or random-init presets such as `tiny`."""
+"""Loading LLaVA-OneVision: real weights from the Hub or a path, or random-init presets such as `tiny-random`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from dycoke.pruning import install_dp_hooks
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_ID = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+# What the CLI uses by default and the app falls back to: it needs no download.
+OFFLINE_DEFAULT = "tiny-random"
 TINY_SEED = 0
 IMAGE_SIZE = 384
 PATCH_SIZE = 14
@@ -40,11 +42,11 @@ QWEN_CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 
-# Language and vision sizes of each random-init preset; `tiny` and `mini` are CPU-sized, the others real geometry.
+# Language and vision sizes of each random-init preset; `tiny-random` and `mini` are CPU-sized, the others real geometry.
 # A wide initialisation (0.3) keeps the small random models from collapsing onto one repeated token, so that
 # their output depends on the video, which the equivalence and pruning tests need.
 PRESETS: dict[str, dict] = {
-    "tiny": {
+    "tiny-random": {
         "text": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, initializer_range=0.3),
         "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
@@ -98,8 +100,8 @@ class LoadedModel:
         return f"{self.name} on {self.device.type} ({str(self.dtype).removeprefix('torch.')}, {weights})"
 
 
-def load(name: str = "tiny", device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
-    """`tiny`, a preset name (`mini`, `ov-0.5b`, `ov-7b`: random weights), a Hub id or a local path."""
+def load(name: str = "tiny-random", device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """A preset name (`tiny-random`, `mini`, `ov-0.5b`, `ov-7b`: random weights), a Hub id or a local path."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"cannot load '{name}' on cuda: no CUDA device is available; use --device cpu")

@@ -32,17 +32,17 @@ def street(shared_videos) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny():
+def tiny_random():
     from dycoke.models import load
 
-    return load("tiny", device="cpu")
+    return load("tiny-random", device="cpu")
 
 
 @pytest.fixture(scope="session")
-def pipeline(tiny):
+def pipeline(tiny_random):
     from dycoke.pipeline import Pipeline
 
-    return Pipeline(tiny)
+    return Pipeline(tiny_random)
 
 
 def moving_square_clip(num_frames: int, size: int = 96, seed: int = 0) -> VideoClip:

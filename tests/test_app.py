@@ -272,25 +272,25 @@ def test_clip_cache_key_names_the_file_its_size_and_the_frame_count(tmp_path):
     assert first != app.ClipCache.key(str(path), 8)
 
 
-def test_fallback_to_tiny_with_a_banner(tiny, monkeypatch):
+def test_fallback_to_tiny_with_a_banner(tiny_random, monkeypatch):
     def fake_load(name, device=None):
-        if name == "tiny":
-            return tiny
+        if name == "tiny-random":
+            return tiny_random
         raise ModelLoadError(f"could not load model '{name}': no network")
 
     monkeypatch.setattr(app, "load", fake_load)
     choice = app.load_model("llava-hf/some-model")
-    assert choice.loaded is tiny and "no network" in choice.fallback_reason
+    assert choice.loaded is tiny_random and "no network" in choice.fallback_reason
     banner = app.banner_markdown(choice)
     assert "tiny random weights" in banner and "random demo weights" in banner
     assert "`llava-hf/some-model`" in banner and "`cpu`" in banner and "`float32`" in banner
 
     def broken(name, device=None):
-        raise ModelLoadError("could not load model 'tiny': broken")
+        raise ModelLoadError("could not load model 'tiny-random': broken")
 
     monkeypatch.setattr(app, "load", broken)
     with pytest.raises(ModelLoadError):  # no fallback from the fallback
-        app.load_model("tiny")
+        app.load_model("tiny-random")
 
 
 def test_model_runs_are_wrapped_in_spaces_gpu_when_spaces_is_importable(pipeline, monkeypatch):

@@ -36,8 +36,8 @@ SMALL_VISION = SimpleNamespace(image_size=28, patch_size=14, hidden_size=4, inte
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    code = main(["--preset", "tiny", "--device", "cpu", "--frames", "2,4", "--methods", "baseline,dycoke",
+    out = tmp_path_factory.mktemp("bench") / "tiny_random.json"
+    code = main(["--preset", "tiny-random", "--device", "cpu", "--frames", "2,4", "--methods", "baseline,dycoke",
                  "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--out", str(out), "--quiet"])
     assert code == 0
     assert out.with_suffix(".html").stat().st_size > 1000
@@ -46,7 +46,7 @@ def report(tmp_path_factory):
 
 def test_bench_writes_a_report_with_every_row_and_key(report, capsys):
     assert report["schema"] == "dycoke.bench/1"
-    assert report["model"]["name"] == "tiny"
+    assert report["model"]["name"] == "tiny-random"
     assert report["settings"]["frames"] == [2, 4]
     assert report["settings"]["methods"] == ["baseline", "dycoke"]
     assert report["machine"]["name"].startswith("cpu-")

@@ -25,7 +25,7 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def bunny_json(shared_videos):
     video = shared_videos / "big_buck_bunny_480p_30s.mp4"
-    done = cli("answer", str(video), "What happens?", "--model", "tiny", "--method", "dycoke", "--json")
+    done = cli("answer", str(video), "What happens?", "--model", "tiny-random", "--method", "dycoke", "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -33,7 +33,7 @@ def bunny_json(shared_videos):
 def test_json_follows_the_contract(bunny_json):
     assert set(bunny_json) == {"answer", "model", "method", "config", "metrics", "trace"}
     assert isinstance(bunny_json["answer"], str) and bunny_json["answer"].isprintable()
-    assert (bunny_json["model"], bunny_json["method"]) == ("tiny", "dycoke")
+    assert (bunny_json["model"], bunny_json["method"]) == ("tiny-random", "dycoke")
     assert bunny_json["config"] == {"merge_ratio": 0.7, "window": 4, "prune_layer": 3, "prune_ratio": 0.7,
                                     "reselect_threshold": 0.9}
     metrics = bunny_json["metrics"]
