@@ -162,3 +162,18 @@ def test_synthetic_clip_is_deterministic_and_moves():
 def test_prefill_flops_per_layer_lengths():
     # Layer 0 over 3 tokens (3648, as above), layer 1 over 2: linear 2*2*576 = 2304, pairs 3, attention 2*2*2*4*3 = 96.
     assert prefill_flops(SMALL_TEXT, [3, 2]) == 3648 + 2304 + 96 + 160
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_weight_bytes_count_the_head_but_not_the_embedding_table(tied):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dycoke.bench import model_weights
+
+    config = Qwen2Config(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=10, tie_word_embeddings=tied)
+    weights = model_weights(Qwen2ForCausalLM(config))
+    # Per layer: q 8*8+8, k and v 8*4+4 each, o 8*8, MLP 3*8*16, two norms 2*8: 608; two layers, final norm 8,
+    # head 10*8 = 80: 1304 float32 values read per step, whether or not the head is the embedding table.
+    assert weights["language"] == 4 * 1304
+    assert weights["all"] == 4 * (1304 if tied else 1304 + 80)

@@ -1,0 +1,5 @@
+import sys
+
+from dycoke.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""`python -m dycoke.bench`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dycoke.bench.report import decode_table, describe, markdown_table, targets_table, write_chart
+from dycoke.bench.runner import BenchSettings, run_bench
+from dycoke.bench.specs import parse_methods
+from dycoke.bench.summary import targets
+from dycoke.methods import get_method, method_names
+
+
+# Repeats and warm-up per preset: `mini` at 8 and 32 frames stays within a few minutes on two CPU cores.
+PRESET_DEFAULTS = {
+    "tiny-random": dict(repeats=3, warmup=1),
+    "mini": dict(repeats=3, warmup=1),
+    "ov-0.5b": dict(repeats=5, warmup=1),
+    "ov-7b": dict(repeats=5, warmup=1),
+}
+DEFAULT_RUNS = dict(repeats=5, warmup=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dycoke.bench",
+        description="Latency, memory and physical limits of every method, side by side in one process.",
+    )
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--preset", choices=["tiny-random", "mini", "ov-0.5b", "ov-7b"],
+                       help="random-weight model with the compute of its name (default: mini)")
+    model.add_argument("--model", help="real weights: a Hugging Face Hub id or a local path")
+    parser.add_argument("--frames", default="8,32", help="comma-separated frame counts (default: 8,32)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods, each optionally with settings, e.g. dycoke:tau=-1 "
+                             f"(default: every registered method: {','.join(method_names())})")
+    parser.add_argument("--match", default=None, metavar="METHOD",
+                        help="give every peer with a budget knob (fastv, visionzip, random, uniform-frames) the "
+                             "attended visual budget of METHOD, e.g. dycoke")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request, EOS ignored")
+    parser.add_argument("--repeats", type=int, default=None, help="measured repeats (default depends on the preset)")
+    parser.add_argument("--warmup", type=int, default=None, help="unmeasured repeats first (default: 1)")
+    parser.add_argument("--video", default=None, help="a video file instead of the synthetic clip")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--out", default="results.json", help="JSON report (default: results.json)")
+    parser.add_argument("--html", default=None, help="Plotly chart (default: the --out path with .html; '' for none)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        frames = [int(part) for part in args.frames.split(",") if part.strip()]
+        methods = parse_methods(args.methods)
+        if args.match is not None:
+            get_method(args.match)
+    except ValueError as error:  # ConfigError is a ValueError too
+        parser.error(str(error))
+    if not frames or any(not 1 <= f <= 256 for f in frames):
+        parser.error(f"--frames must be comma-separated integers in 1..256, got {args.frames!r}")
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2: the decode figures need a second token")
+    name = args.model or args.preset or "mini"
+    runs = PRESET_DEFAULTS.get(name, DEFAULT_RUNS)
+    repeats = runs["repeats"] if args.repeats is None else args.repeats
+    warmup = runs["warmup"] if args.warmup is None else args.warmup
+    if repeats < 1 or warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+
+    from dycoke.models import ModelLoadError, load
+    from dycoke.pipeline import Pipeline
+
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        loaded = load(name, device=args.device, dtype=dtype)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    pipeline = Pipeline(loaded)
+    settings = BenchSettings(frames=frames, methods=methods, new_tokens=args.new_tokens, repeats=repeats,
+                             warmup=warmup, video=args.video, match=args.match)
+    log(f"benchmarking {loaded.describe()}: frames {frames}, methods {[m.label for m in methods]}, "
+        f"{repeats} repeats + {warmup} warm-up")
+    report = run_bench(pipeline, settings, log=log)
+    report["targets"] = targets(report)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    html = out.with_suffix(".html") if args.html is None else (Path(args.html) if args.html else None)
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        write_chart(report, html)
+    print(describe(report))
+    print()
+    print(markdown_table(report))
+    print()
+    print(decode_table(report))
+    if report["targets"]:
+        print()
+        print(targets_table(report))
+    log(f"wrote {out}" + (f" and {html}" if html else ""))
+    return 0
+

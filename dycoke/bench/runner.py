@@ -1,0 +1,184 @@
+"""Running the benchmark: every method on the same clip, interleaved repeats, one report.
+
+Each repeat runs every method once, in an order that rotates from repeat to repeat, so that drift (clock
+boost, cache state, allocator) hits all methods alike.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from dycoke.bench.clip import synthetic_clip
+from dycoke.bench.costs import TextDims, dims_dict, model_weights
+from dycoke.bench.devices import (DEVICE_TABLE, DeviceSpec, better_of, device_spec_for, load_average,
+                                  machine_info, measure_device, needs_measuring)
+from dycoke.bench.specs import MethodSpec
+from dycoke.bench.summary import add_limits, add_overhead_share, add_ratios, summarise
+from dycoke.config import DyCokeConfig
+from dycoke.metrics import Clock
+from dycoke.video import VideoClip
+
+SCHEMA = "dycoke.bench/1"
+
+
+QUESTION = "Describe what happens in this video."
+
+
+class ForwardTimer:
+    """Times every forward of the model inside generate: the first is the prefill, each later one a decode step."""
+
+    def __init__(self, model: torch.nn.Module, clock: Clock) -> None:
+        self.model = model
+        self.clock = clock
+        self.spans: list[float] = []
+        self._start = 0.0
+
+    @contextmanager
+    def attached(self) -> Iterator["ForwardTimer"]:
+        self.spans = []
+        handles = [self.model.register_forward_pre_hook(self._before),
+                   self.model.register_forward_hook(self._after)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _before(self, module, args) -> None:
+        self._start = self.clock.now()
+
+    def _after(self, module, args, output) -> None:
+        self.spans.append(self.clock.now() - self._start)
+
+
+@dataclass
+class Sample:
+    metrics: dict
+    config: dict
+    prefill_forward_ms: float
+    reuse_step_ms: list[float]
+    reselect_step_ms: list[float]
+    steps: int
+    reselected_steps: int
+    dp_regions: dict  # Stopwatch totals of DP's scoring/selection and compact rebuilds; empty without DP
+
+
+def run_once(pipeline, clip: VideoClip, spec: MethodSpec, base: DyCokeConfig, new_tokens: int,
+             timer: ForwardTimer, match: str | None = None) -> Sample:
+    from dycoke.pruning import overhead_timing
+
+    gc.collect()
+    with timer.attached(), overhead_timing() as stopwatches:
+        result = pipeline.answer(clip, QUESTION, method=spec.resolved(match), config=spec.config(base),
+                                 max_new_tokens=new_tokens, ignore_eos=True)
+    spans_ms = [1000.0 * s for s in timer.spans]
+    steps = result.trace["steps"]
+    reselected = [bool(step["reselected"]) for step in steps]
+    decode_spans = spans_ms[1:]
+    return Sample(
+        metrics=result.metrics,
+        config=result.config,
+        prefill_forward_ms=spans_ms[0] if spans_ms else math.nan,
+        reuse_step_ms=[ms for ms, again in zip(decode_spans, reselected) if not again],
+        reselect_step_ms=[ms for ms, again in zip(decode_spans, reselected) if again],
+        steps=len(steps),
+        reselected_steps=sum(reselected),
+        dp_regions=stopwatches[-1].totals_ms() if stopwatches else {},
+    )
+
+
+@dataclass
+class BenchSettings:
+    frames: list[int]
+    methods: list[MethodSpec]
+    new_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+    video: str | None = None
+    base_config: DyCokeConfig = field(default_factory=DyCokeConfig)
+    match: str | None = None  # peers with a budget knob get the attended budget of this method
+
+
+def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None = None,
+              log: Callable[[str], None] = lambda line: None) -> dict:
+    """Measure every (frames, method) and return the report: settings, machine, model, and one row each."""
+    from dycoke.pipeline import encode_prompt
+
+    loaded = pipeline.loaded
+    clock = pipeline.clock
+    measured = device_spec is None and needs_measuring(loaded.device)
+    device_spec = device_spec or device_spec_for(loaded.device, loaded.dtype, clock)
+    timer = ForwardTimer(loaded.model, clock)
+    prefix, suffix = encode_prompt(loaded.tokenizer, QUESTION)
+    text_tokens = len(prefix) + len(suffix) + 1  # the newline after the frames is a text token too
+    weights = model_weights(loaded.model)
+    load_before = load_average()
+    rows = []
+    for frames in settings.frames:
+        clip, video_decode_ms = _clip(pipeline, settings.video, frames)
+        samples: dict[str, list[Sample]] = {spec.label: [] for spec in settings.methods}
+        for repeat in range(settings.warmup + settings.repeats):
+            shift = repeat % len(settings.methods)
+            order = settings.methods[shift:] + settings.methods[:shift]
+            for spec in order:
+                sample = run_once(pipeline, clip, spec, settings.base_config, settings.new_tokens, timer,
+                                  settings.match)
+                kind = "warm-up" if repeat < settings.warmup else f"repeat {repeat - settings.warmup + 1}"
+                log(f"{frames:>4} frames  {spec.label:<18} {kind:<10} total {sample.metrics['total_ms']:>10.1f} ms")
+                if repeat >= settings.warmup:
+                    samples[spec.label].append(sample)
+        frame_rows = [
+            summarise(spec, frames, samples[spec.label], loaded, text_tokens, weights, video_decode_ms)
+            for spec in settings.methods
+        ]
+        add_ratios(frame_rows)
+        add_overhead_share(frame_rows)
+        rows.extend(frame_rows)
+    if measured:  # other work on the machine only ever slows a measurement down: keep the best of two
+        device_spec = better_of(device_spec, measure_device(loaded.device, loaded.dtype, clock))
+    add_limits(rows, device_spec)
+    machine = machine_info(loaded.device, device_spec)
+    machine["load_average_1min"] = {"before": load_before, "after": load_average()}
+    return {
+        "schema": SCHEMA,
+        "machine": machine,
+        "model": {
+            "name": loaded.name,
+            "random_weights": loaded.is_random,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "attention": getattr(loaded.model.config, "_attn_implementation", None),
+            "weight_bytes": weights["all"],
+            "language_weight_bytes": weights["language"],
+            "text_config": dims_dict(TextDims.of(loaded.model.config.text_config)),
+            "tokens_per_frame": loaded.tokens_per_frame,
+        },
+        "settings": {
+            "frames": settings.frames,
+            "methods": [spec.label for spec in settings.methods],
+            "new_tokens": settings.new_tokens,
+            "ignore_eos": True,
+            "match": settings.match,
+            "repeats": settings.repeats,
+            "warmup": settings.warmup,
+            "order": "interleaved: every repeat runs every method once, starting one method later each repeat",
+            "video": settings.video or "synthetic moving shapes, 384x384, generated in-process",
+            "question": QUESTION,
+            "prompt_text_tokens": text_tokens,
+            "config": settings.base_config.to_dict(),
+        },
+        "device_table": {key: spec.to_dict() for key, spec in DEVICE_TABLE.items()} | {"used": device_spec.to_dict()},
+        "rows": rows,
+    }
+
+
+def _clip(pipeline, video: str | None, frames: int) -> tuple[VideoClip, float]:
+    if video is None:
+        return synthetic_clip(frames), 0.0
+    clip = pipeline.load_video(video, frames)
+    return replace(clip, decode_seconds=0.0), round(1000.0 * clip.decode_seconds, 3)
