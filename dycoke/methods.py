@@ -16,6 +16,7 @@ from transformers import Cache, DynamicCache
 from dycoke.budget import VisualBudget, evenly_spaced, ratio_keeping, spread, ttm_kept_total
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.fastv import FastVCache, install_fastv_hooks
+from dycoke.knobs import DP_KNOBS, TTM_KNOBS, Knob, config_from
 from dycoke.pruning import DyCokeCache, StepRecord, install_dp_hooks
 from dycoke.ttm import kept_count, temporal_keep_mask
 from dycoke.visionzip import pooled_statistics, zip_frame
@@ -70,6 +71,11 @@ class Method:
     matchable = False  # has a drop ratio that `match_budget` can set
     needs_vision_states = False  # compress() reads VisualInput.feature_layer_input
     OPTIONS: dict[str, str] = {}  # option name (as in the CLI and the results' config) -> field
+    KNOBS: tuple[Knob, ...] = ()  # the method's own knobs (named as in OPTIONS), for the app's settings panel
+
+    def knobs(self) -> tuple[Knob, ...]:
+        """Every knob this method uses: DyCoke's settings where its stages are on, then its own options."""
+        return self.KNOBS
 
     def effective_config(self, config: DyCokeConfig) -> DyCokeConfig:
         """The DyCoke settings this method really uses, as reported in results."""
@@ -131,6 +137,9 @@ class DyCokeMethod(Method):
             merge_ratio=config.merge_ratio if self.merges else 0.0,
             prune_ratio=config.prune_ratio if self.prunes else 0.0,
         )
+
+    def knobs(self) -> tuple[Knob, ...]:
+        return (TTM_KNOBS if self.merges else ()) + (DP_KNOBS if self.prunes else ())
 
     def install(self, model: torch.nn.Module) -> None:
         install_dp_hooks(model)
@@ -204,15 +213,23 @@ class _PeerMethod(Method):
 
 @dataclass(frozen=True)
 class FastVMethod(_PeerMethod):
-    """FastV: after layer K, drop the R share of visual tokens the last prompt token attended to least at K-1."""
+    """FastV: from its layer on, drop the share of visual tokens the last prompt token attended to least in the
+    layer before (the paper calls the layer K and the share R)."""
 
     name: str = "fastv"
-    summary: str = "FastV: after layer K of the prefill, drop the visual tokens the last prompt token attends to least"
-    prunes_at: str = "prefill (layers >= K), and decode on the shorter cache"
+    summary: str = ("FastV: from the FastV layer of the prefill on, drop the visual tokens the last prompt token "
+                    "attends to least")
+    prunes_at: str = "prefill (layers from the FastV layer on), and decode on the shorter cache"
     layer: int = 2
     ratio: float | None = 0.5
     match: str | None = None
     OPTIONS = {"fastv_layer": "layer", "fastv_ratio": "ratio", "match": "match"}
+    KNOBS = (
+        Knob("fastv_layer", "FastV layer", "layer", 2, "FastV drops visual tokens from this layer on; the layer "
+             "before it ranks them by the attention of the prompt's last token.", minimum=1, step=1),
+        Knob("fastv_ratio", "FastV drop ratio", "float", 0.5, "FastV: share of the visual tokens dropped.",
+             minimum=0.0, maximum=0.95, step=0.05, matched=True),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -257,6 +274,12 @@ class VisionZipMethod(_PeerMethod):
     needs_vision_states = True
     OPTIONS = {"visionzip_dominant": "dominant", "visionzip_contextual": "contextual", "visionzip_ratio": "ratio",
                "match": "match"}
+    KNOBS = (
+        Knob("visionzip_dominant", "dominant tokens per frame", "int", 24, "VisionZip keeps the tokens the vision "
+             "tower attends to most; with a matched budget this sets their share.", minimum=0, maximum=196, step=1),
+        Knob("visionzip_contextual", "contextual tokens per frame", "int", 4, "VisionZip merges the rest into this "
+             "many tokens; with a matched budget this sets their share.", minimum=0, maximum=196, step=1),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -294,6 +317,10 @@ class VisionZipMethod(_PeerMethod):
         return CompressedVisual(torch.cat([frame.tokens for frame in frames]), mask, frame_of_token)
 
 
+DROP_RATIO = Knob("drop_ratio", "drop ratio", "float", 0.5, "Share of the video's visual tokens dropped before "
+                  "the language model.", minimum=0.0, maximum=0.95, step=0.05, matched=True)
+
+
 @dataclass(frozen=True)
 class RandomMethod(_PeerMethod):
     """Random: a seeded, uniformly random subset of the video's tokens, of a matched size."""
@@ -305,6 +332,11 @@ class RandomMethod(_PeerMethod):
     match: str | None = "dycoke"
     seed: int = 0
     OPTIONS = {"drop_ratio": "ratio", "match": "match", "seed": "seed"}
+    KNOBS = (
+        DROP_RATIO,
+        Knob("seed", "random seed", "int", 0, "Seed of the random choice of tokens.", minimum=0, maximum=10_000,
+             step=1),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -334,6 +366,7 @@ class UniformFramesMethod(_PeerMethod):
     ratio: float | None = None
     match: str | None = "dycoke"
     OPTIONS = {"drop_ratio": "ratio", "match": "match"}
+    KNOBS = (DROP_RATIO,)
 
     def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
         kept = self.resolve(config, num_frames, tokens_per_frame).kept_total(num_frames, tokens_per_frame)
@@ -416,6 +449,41 @@ def match_budget(method: str | Method, reference: str | Method, config: DyCokeCo
 def _no_budget_knob(method: Method) -> ConfigError:
     return ConfigError(f"'{method.name}' has no budget knob of its own; matching applies to "
                        f"{', '.join(matchable_names())}")
+
+
+def knobs_shown(names: list[str], match: str | None = None) -> list[Knob]:
+    """The knobs the methods `names` use, each once, in order; when a peer among them matches the budget of
+    `match`, also `match`'s knobs that set that budget, and without the drop ratios that the matching sets."""
+    chosen = [get_method(name) for name in names]
+    matching = match is not None and any(method.matchable for method in chosen)
+    shown: dict[str, Knob] = {}
+    for method in chosen:
+        for knob in method.knobs():
+            if not (matching and method.matchable and knob.matched):
+                shown.setdefault(knob.name, knob)
+    if matching:
+        for knob in get_method(match).knobs():
+            if knob.sets_budget:
+                shown.setdefault(knob.name, knob)
+    return list(shown.values())
+
+
+def all_knobs() -> list[Knob]:
+    """Every registered method's knobs, each once: what the app builds a control for."""
+    return knobs_shown(method_names())
+
+
+def configure_from_knobs(name: str, values: dict[str, object], match: str | None = None
+                         ) -> tuple[DyCokeConfig, Method]:
+    """The DyCoke settings and the method `name` from knob values keyed by knob name (each parsed to its type);
+    a peer given `match` gets its drop ratio from that method's budget instead of its ratio knob."""
+    method = get_method(name)
+    matching = match is not None and method.matchable
+    options = {knob.name: knob.parse(values[knob.name]) for knob in method.knobs()
+               if not knob.in_config and knob.name in values and not (matching and knob.matched)}
+    if method.matchable:
+        options["match"] = match
+    return config_from(values), configure(method, **options)
 
 
 def install_hooks(model: torch.nn.Module) -> None:
