@@ -1,0 +1,275 @@
+"""Train the embedded `tiny` model from scratch on the synthetic video-QA suite, on a CPU.
+
+    python -m dycoke.train --out assets/models/tiny --minutes 75
+
+The model is a LLaVA-OneVision built from a config with the real classes and geometry (SigLIP at 384 px,
+patch 14, the projector, 2x2 bilinear pooling to 196 tokens per frame, the newline token) and a small Qwen2
+language model with a word-level tokenizer. Every example goes through the same prompt as the pipeline
+(`encode_prompt`: system turn, the frame tokens, the newline token, the question, the assistant turn), and the
+loss is on the response tokens only. Training is plain: no compression method is ever applied, so whatever
+DyCoke keeps of the accuracy it keeps without having been trained for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+from tqdm import tqdm
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from dycoke.models import IMAGE_SIZE, PATCH_SIZE, QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS
+from dycoke.pipeline import encode_prompt
+from dycoke.video import to_pixel_values
+from dycoke.videoqa import TASKS, Item, is_correct, make_item, vocabulary
+
+log = logging.getLogger(__name__)
+
+SYSTEM_WORDS = ["system", "you", "are", "a", "helpful", "assistant", ".", "user", "\n"]
+UNKNOWN = "[UNK]"
+TEXT_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2)
+VISION_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    minutes: float = 75.0  # wall-clock budget; training stops at the first step past it
+    max_steps: int = 100_000
+    batch_size: int = 4
+    learning_rate: float = 2e-3
+    warmup_steps: int = 60
+    weight_decay: float = 0.01
+    frame_mix: tuple[tuple[int, float], ...] = ((8, 0.45), (16, 0.4), (32, 0.15))
+    eval_every: int = 150
+    eval_items: int = 8  # per task, validation split, 16 frames
+    seed: int = 0
+    threads: int = 2
+    save_every: int = 0  # steps between checkpoints written to the output folder (0: only at the end)
+
+
+def build_word_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level, lower-cased: the suite's words, the chat template's words and Qwen's chat tokens."""
+    words = sorted(set(vocabulary()) | set(SYSTEM_WORDS)) + [UNKNOWN]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token=UNKNOWN))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),  # spaces go, newlines stay tokens
+        pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="isolated"),
+    ])
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>", unk_token=UNKNOWN)
+    wrapped.chat_template = QWEN_CHAT_TEMPLATE
+    return wrapped
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaOnevisionForConditionalGeneration:
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False,
+                                         **VISION_SIZES),
+        text_config=Qwen2Config(**TEXT_SIZES, vocab_size=len(tokenizer), max_position_embeddings=32768,
+                                tie_word_embeddings=True),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=torch.float32,
+                                                                 attn_implementation="sdpa")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+class Batch:
+    """Prompt embeddings of a few items with the same frame count, right-padded, and their response targets."""
+
+    def __init__(self, model, tokenizer, batch: list[Item]) -> None:
+        pixels = torch.stack([to_pixel_values(item.frames, IMAGE_SIZE) for item in batch])
+        features = model.get_video_features(
+            pixel_values_videos=pixels, vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        ).pooler_output  # [B, T*N + 1, D]: frame tokens, then the newline token
+        embed = model.get_input_embeddings()
+        rows, self.positions, self.targets = [], [], []
+        for index, item in enumerate(batch):
+            prefix, suffix = encode_prompt(tokenizer, item.question)
+            response = tokenizer(item.response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            after = torch.tensor(suffix + response[:-1])
+            rows.append(torch.cat([embed(torch.tensor(prefix)), features[index], embed(after)]))
+            first = len(prefix) + features.shape[1] + len(suffix) - 1  # predicts the response's first token
+            self.positions.append(torch.arange(first, first + len(response)))
+            self.targets.append(torch.tensor(response))
+        length = max(row.shape[0] for row in rows)
+        self.embeds = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, length - row.shape[0])) for row in rows])
+
+    def loss(self, model) -> torch.Tensor:
+        hidden = model.model.language_model(inputs_embeds=self.embeds, use_cache=False).last_hidden_state
+        picked = torch.cat([hidden[b, positions] for b, positions in enumerate(self.positions)])
+        logits = model.lm_head(picked)
+        return torch.nn.functional.cross_entropy(logits, torch.cat(self.targets))
+
+
+def sample_batch(rng: random.Random, step: int, settings: TrainSettings) -> list[Item]:
+    frame_counts, weights = zip(*settings.frame_mix)
+    num_frames = rng.choices(frame_counts, weights)[0]
+    base = step * settings.batch_size
+    return [make_item("train", rng.choice(TASKS), base + k, num_frames) for k in range(settings.batch_size)]
+
+
+@torch.inference_mode()
+def greedy_response(model, tokenizer, item: Item, max_new_tokens: int = 8) -> str:
+    """Greedy decode through the plain model on the pipeline's prompt, for validation during training."""
+    pixels = to_pixel_values(item.frames, IMAGE_SIZE)[None]
+    features = model.get_video_features(
+        pixel_values_videos=pixels, vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    ).pooler_output[0]
+    prefix, suffix = encode_prompt(tokenizer, item.question)
+    embed = model.get_input_embeddings()
+    embeds = torch.cat([embed(torch.tensor(prefix)), features, embed(torch.tensor(suffix))])[None]
+    ids = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(ids[0], skip_special_tokens=True)
+
+
+def validate(model, tokenizer, per_task: int, num_frames: int = 16) -> dict[str, float]:
+    model.eval()
+    scores = {}
+    for task in TASKS:
+        right = sum(is_correct(greedy_response(model, tokenizer, make_item("validation", task, i, num_frames)),
+                               make_item("validation", task, i, num_frames)) for i in range(per_task))
+        scores[task] = right / per_task
+    model.train()
+    scores["overall"] = sum(scores[task] for task in TASKS) / len(TASKS)
+    return scores
+
+
+def learning_rate(step: int, settings: TrainSettings, total_steps: int) -> float:
+    if step < settings.warmup_steps:
+        return settings.learning_rate * (step + 1) / settings.warmup_steps
+    progress = min(1.0, (step - settings.warmup_steps) / max(1, total_steps - settings.warmup_steps))
+    return settings.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def fit(model, tokenizer, settings: TrainSettings, pool: list[Item] | None = None,
+        log_path: Path | None = None, out: Path | None = None) -> list[dict]:
+    """Train `model` in place for the time or step budget; `pool`, if given, is the only data (smoke tests)."""
+    torch.set_num_threads(settings.threads)
+    rng = random.Random(settings.seed)
+    model.train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    budget_s = settings.minutes * 60
+    started = time.monotonic()
+    history: list[dict] = []
+    # The step budget follows the measured pace, so the cosine schedule ends near the time budget.
+    total_steps = settings.max_steps
+    progress = tqdm(total=total_steps, desc="training", unit="step", file=sys.stderr, mininterval=5)
+    step = 0
+    while step < total_steps and time.monotonic() - started < budget_s:
+        chosen = rng.sample(pool, settings.batch_size) if pool else sample_batch(rng, step, settings)
+        loss = Batch(model, tokenizer, chosen).loss(model)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(step, settings, total_steps)
+        optimiser.step()
+        step += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 50 == 20 and settings.max_steps > 100:  # the machine's load changes: re-estimate now and then
+            elapsed = time.monotonic() - started
+            total_steps = min(settings.max_steps, step + int((budget_s - elapsed) / (elapsed / step)))
+            progress.total = total_steps
+        record = {"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(time.monotonic() - started, 1)}
+        if settings.eval_every and step % settings.eval_every == 0:
+            record["validation"] = validate(model, tokenizer, settings.eval_items)
+            log.info("step %d: validation %s", step, record["validation"])
+        history.append(record)
+        if out is not None and settings.save_every and step % settings.save_every == 0:
+            save(model, tokenizer, out, {"steps": step, "partial": True})
+        if log_path is not None:
+            with log_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+    progress.close()
+    return history
+
+
+def train(out: Path, settings: TrainSettings, log_path: Path | None = None, init: Path | None = None) -> dict:
+    """Build (or continue from `init`), train and validate the model, save it to `out`; returns the summary."""
+    started = time.monotonic()
+    tokenizer = build_word_tokenizer()
+    if init is None:
+        model = build_model(tokenizer, settings.seed)
+    else:
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32,
+                                                                       attn_implementation="sdpa")
+    history = fit(model, tokenizer, settings, log_path=log_path, out=out)
+    final = validate(model, tokenizer, settings.eval_items)
+    summary = {"steps": len(history), "minutes": round((time.monotonic() - started) / 60, 1), "validation": final,
+               "settings": {**settings.__dict__, "frame_mix": [list(pair) for pair in settings.frame_mix]}}
+    save(model.eval(), tokenizer, out, summary)
+    return summary
+
+
+def save(model, tokenizer, out: Path, summary: dict) -> None:
+    """A regular checkpoint directory: config, tokenizer files and fp16 safetensors."""
+    out.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(model).to(torch.float16).save_pretrained(out)  # a copy: the training weights stay float32
+    tokenizer.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dycoke.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/models/tiny"))
+    parser.add_argument("--minutes", type=float, default=TrainSettings.minutes)
+    parser.add_argument("--max-steps", type=int, default=TrainSettings.max_steps)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate)
+    parser.add_argument("--eval-every", type=int, default=TrainSettings.eval_every)
+    parser.add_argument("--eval-items", type=int, default=TrainSettings.eval_items)
+    parser.add_argument("--seed", type=int, default=TrainSettings.seed)
+    parser.add_argument("--threads", type=int, default=TrainSettings.threads)
+    parser.add_argument("--log", type=Path, default=None, help="append one JSON line per step to this file")
+    parser.add_argument("--frame-mix", default="8:0.45,16:0.4,32:0.15",
+                        help="frame counts and their shares of the batches (default 8:0.45,16:0.4,32:0.15)")
+    parser.add_argument("--warmup-steps", type=int, default=TrainSettings.warmup_steps)
+    parser.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps")
+    parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint directory")
+    args = parser.parse_args(argv)
+    mix = tuple((int(frames), float(share)) for frames, share in
+                (pair.split(":") for pair in args.frame_mix.split(",")))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    settings = TrainSettings(minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size,
+                             learning_rate=args.learning_rate, eval_every=args.eval_every,
+                             eval_items=args.eval_items, seed=args.seed, threads=args.threads,
+                             frame_mix=mix, warmup_steps=args.warmup_steps, save_every=args.save_every)
+    summary = train(args.out, settings, args.log, args.init)
+    print(json.dumps(summary["validation"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
