@@ -361,6 +361,14 @@ def write_examples(directory: Path, fps: int = 8) -> list[dict]:
     return listed
 
 
+def read_examples(directory: Path) -> list[tuple[Path, str]]:
+    """(video path, question) of each example written by `write_examples`; none if the folder has none."""
+    listing = directory / "examples.json"
+    if not listing.is_file():
+        return []
+    return [(directory / entry["video"], entry["question"]) for entry in json.loads(listing.read_text())]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dycoke.videoqa", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
