@@ -52,3 +52,34 @@ def spread(total: int, parts: int) -> list[int]:
     for part in evenly_spaced(extra, parts) if extra else ():
         counts[part] += 1
     return counts
+
+
+def apportion(total: int, weights: list[float], caps: list[int]) -> list[int]:
+    """Split `total` into counts proportional to `weights`, none above its cap, summing to `total` exactly.
+
+    Parts whose share reaches their cap get the cap and the rest is shared again among the others; the
+    fractional remainders then go to the largest fractions (ties to the lower index).
+    """
+    if total > sum(caps):
+        raise ConfigError(f"cannot place {total} tokens in parts that hold {sum(caps)}")
+    counts = [0] * len(caps)
+    free = [part for part, cap in enumerate(caps) if cap > 0]
+    remaining = total
+    while free:
+        weight = sum(weights[part] for part in free)
+        quotas = {part: remaining * (weights[part] / weight if weight > 0 else 1 / len(free)) for part in free}
+        full = [part for part in free if quotas[part] >= caps[part]]
+        if not full:
+            break
+        for part in full:
+            counts[part] = caps[part]
+            remaining -= caps[part]
+            free.remove(part)
+    else:
+        return counts
+    floors = {part: math.floor(quotas[part]) for part in free}
+    by_fraction = sorted(free, key=lambda part: (floors[part] - quotas[part], part))
+    for rank, part in enumerate(by_fraction):
+        counts[part] = floors[part] + (rank < remaining - sum(floors.values()))
+    assert sum(counts) == total, (total, weights, caps)
+    return counts

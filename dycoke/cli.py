@@ -15,6 +15,15 @@ from dycoke.video import VideoError, load_video_isolated
 TINY_NOTICE = "note: the 'tiny-random' model has random weights; its answers are meaningless (token counts and timings are real)"
 
 
+# Methods whose knobs become CLI options straight from their knob specs (the older ones have theirs spelled out).
+KNOB_FLAG_METHODS = ("holitom", "fastvid", "vidcom2", "flashvid")
+
+
+def knob_flags() -> list:
+    """The knobs that get a CLI option of their own, `--` + the knob name with dashes."""
+    return [knob for name in KNOB_FLAG_METHODS for knob in get_method(name).knobs()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dycoke", description="DyCoke token compression for video LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--drop-ratio", type=float, default=None,
                         help="share of visual tokens random and uniform-frames drop, [0, 1) (default: match dycoke)")
     answer.add_argument("--seed", type=int, default=None, help=f"seed of the random method (default: {seeded.seed})")
+    for knob in knob_flags():
+        answer.add_argument(knob.cli_flag, dest=knob.name, type=float if knob.kind == "float" else int, default=None,
+                            help=f"{knob.help} (default: {knob.default})".replace("%", "%%"))
     answer.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     answer.add_argument("--json", action="store_true", help="print one JSON object with answer, metrics and trace")
     return parser
@@ -65,7 +77,8 @@ def run_answer(args: argparse.Namespace) -> int:
     )
     method = configure(args.method, match=args.match, fastv_layer=args.fastv_layer, fastv_ratio=args.fastv_ratio,
                        visionzip_dominant=args.visionzip_dominant, visionzip_contextual=args.visionzip_contextual,
-                       drop_ratio=args.drop_ratio, seed=args.seed)
+                       drop_ratio=args.drop_ratio, seed=args.seed,
+                       **{knob.name: getattr(args, knob.name) for knob in knob_flags()})
     clean_question(args.question)
     check_new_tokens(args.max_new_tokens)
     clip = load_video_isolated(args.video, check_frames(args.frames))

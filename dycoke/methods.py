@@ -16,9 +16,14 @@ from transformers import Cache, DynamicCache
 from dycoke.budget import VisualBudget, evenly_spaced, ratio_keeping, spread, ttm_kept_total
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.fastv import FastVCache, install_fastv_hooks
+from dycoke.fastvid import FastVIDSettings, fastvid_compress
+from dycoke.flashvid import FlashVIDSettings, flashvid_compress
+from dycoke.holitom import HoliTomSettings, holitom_compress
 from dycoke.knobs import DP_KNOBS, TTM_KNOBS, Knob, config_from
+from dycoke.merging import Placed
 from dycoke.pruning import DyCokeCache, StepRecord, install_dp_hooks
 from dycoke.ttm import kept_count, temporal_keep_mask
+from dycoke.vidcom2 import vidcom2_compress
 from dycoke.visionzip import pooled_statistics, zip_frame
 
 
@@ -60,6 +65,13 @@ class CompressedVisual:
     @classmethod
     def from_mask(cls, frame_tokens: torch.Tensor, mask: torch.Tensor) -> "CompressedVisual":
         return cls(frame_tokens[mask], mask, mask.nonzero()[:, 0])
+
+    @classmethod
+    def from_placed(cls, placed: Placed, num_frames: int, tokens_per_frame: int) -> "CompressedVisual":
+        """Tokens in global position order; the mask marks the position each (possibly merged) token sits at."""
+        mask = torch.zeros(num_frames * tokens_per_frame, dtype=torch.bool, device=placed.positions.device)
+        mask[placed.positions] = True
+        return cls(placed.tokens, mask.view(num_frames, tokens_per_frame), placed.positions // tokens_per_frame)
 
 
 class Method:
@@ -383,6 +395,184 @@ class UniformFramesMethod(_PeerMethod):
         return mask.to(frame_features.device)
 
 
+class _MergedBeforeLLM(_PeerMethod):
+    """A peer that prunes and merges before the LLM to exactly its budget: kept_count(T·N, ratio) tokens, each
+    placed at the (frame, position) it stands for. Its knobs other than the ratio are checked against their knobs'
+    ranges."""
+
+    needs_vision_states = True  # the salience scores are the attention tokens receive in the vision tower
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fields = {option: field for option, field in self.OPTIONS.items() if field not in ("ratio", "match")}
+        for knob in self.KNOBS:
+            if knob.name in fields:
+                _check_knob(knob, getattr(self, fields[knob.name]))
+
+    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
+        kept = self.resolve(config, num_frames, tokens_per_frame).kept_total(num_frames, tokens_per_frame)
+        return VisualBudget(kept, kept)
+
+    def compress(self, visual: VisualInput, config: DyCokeConfig) -> CompressedVisual:
+        frame_tokens = visual.frame_tokens
+        num_frames, tokens_per_frame, _ = frame_tokens.shape
+        attention = (pooled_statistics(visual.model, visual.feature_layer_input)[0].to(frame_tokens.device)
+                     if self.needs_vision_states else None)
+        placed = self.place(frame_tokens, attention, self.kept_total(num_frames, tokens_per_frame))
+        return CompressedVisual.from_placed(placed, num_frames, tokens_per_frame)
+
+    def place(self, frame_tokens: torch.Tensor, attention: torch.Tensor | None, kept: int) -> Placed:
+        raise NotImplementedError
+
+
+def _check_knob(knob: Knob, value: object) -> None:
+    whole = knob.kind in ("int", "layer")
+    if (not _is_integer(value) if whole else not isinstance(value, numbers.Real) or isinstance(value, bool)) or \
+            not knob.minimum <= value <= knob.maximum:
+        kind = "a whole number" if whole else "a number"
+        raise ConfigError(f"{knob.name} ({knob.label}) must be {kind} in [{knob.minimum}, {knob.maximum}], "
+                          f"got {value!r}")
+
+
+def _ratio_knob(method: str, paper_keeps: str, default: float) -> Knob:
+    return Knob(f"{method}_ratio", f"{method} drop ratio", "float", default,
+                f"Share of the video's visual tokens dropped before the language model ({paper_keeps}).",
+                minimum=0.0, maximum=0.95, step=0.05, matched=True)
+
+
+@dataclass(frozen=True)
+class HoliTomMethod(_MergedBeforeLLM):
+    """HoliTom's outer-LLM merging: global static windows merged over time, then density-peak merging in space."""
+
+    name: str = "holitom"
+    summary: str = ("HoliTom: merge positions that stay static through the best temporal windows, then keep the "
+                    "most attended dynamic tokens and merge static ones by density peaks")
+    prunes_at: str = "before the LLM (temporal windows + spatial merging; its inner-LLM merging is left out)"
+    ratio: float | None = 0.85
+    match: str | None = None
+    threshold: float = 0.8
+    beta: float = 0.6
+    contextual_share: float = 0.0
+    neighbours: int = 7
+    OPTIONS = {"holitom_ratio": "ratio", "holitom_tau": "threshold", "holitom_beta": "beta",
+               "holitom_contextual": "contextual_share", "holitom_neighbours": "neighbours", "match": "match"}
+    KNOBS = (
+        _ratio_knob("holitom", "the paper keeps 15%", 0.85),
+        Knob("holitom_tau", "HoliTom static threshold τ", "float", 0.8, "HoliTom: a position is static between "
+             "adjacent frames when its tokens are more cosine-similar than this.", minimum=-1.0, maximum=1.0,
+             step=0.05),
+        Knob("holitom_beta", "HoliTom merge weight β", "float", 0.6, "HoliTom: a merged token is β·centre + "
+             "(1−β)·mean of the tokens merged into it.", minimum=0.0, maximum=1.0, step=0.05),
+        Knob("holitom_contextual", "HoliTom contextual share D", "float", 0.0, "HoliTom: share of each frame's "
+             "dynamic budget merged by density peaks instead of kept by attention.", minimum=0.0, maximum=1.0,
+             step=0.05),
+        Knob("holitom_neighbours", "HoliTom density neighbours k", "int", 7, "HoliTom: neighbours in the DPC-kNN "
+             "density.", minimum=1, maximum=64, step=1),
+    )
+
+    def place(self, frame_tokens: torch.Tensor, attention: torch.Tensor | None, kept: int) -> Placed:
+        settings = HoliTomSettings(self.threshold, self.beta, self.contextual_share, self.neighbours)
+        return holitom_compress(frame_tokens, attention, kept, settings)
+
+
+@dataclass(frozen=True)
+class FastVIDMethod(_MergedBeforeLLM):
+    """FastVID: dynamic temporal segments, salient tokens by attention, contextual tokens by density merging."""
+
+    name: str = "fastvid"
+    summary: str = ("FastVID: split the video at its scene changes, keep each frame's most attended tokens and "
+                    "merge each segment into density-peak tokens of its anchor frames")
+    prunes_at: str = "before the LLM (segments + salient and density-merged tokens)"
+    ratio: float | None = 0.9
+    match: str | None = None
+    min_segments: int = 8
+    segment_threshold: float = 0.9
+    contextual_share: float = 0.4
+    anchor_step: int = 4
+    beta: float = 0.6
+    OPTIONS = {"fastvid_ratio": "ratio", "fastvid_segments": "min_segments", "fastvid_tau": "segment_threshold",
+               "fastvid_contextual": "contextual_share", "fastvid_anchor_step": "anchor_step",
+               "fastvid_beta": "beta", "match": "match"}
+    KNOBS = (
+        _ratio_knob("fastvid", "the paper keeps 10%", 0.9),
+        Knob("fastvid_segments", "FastVID segments c", "int", 8, "FastVID: at least this many temporal segments "
+             "(cuts at the least similar transitions).", minimum=1, maximum=64, step=1),
+        Knob("fastvid_tau", "FastVID segment threshold τ", "float", 0.9, "FastVID: cut between frames whose "
+             "global features are less cosine-similar than this.", minimum=-1.0, maximum=1.0, step=0.05),
+        Knob("fastvid_contextual", "FastVID contextual share d", "float", 0.4, "FastVID: share of each frame's "
+             "budget given to density-merged contextual tokens.", minimum=0.0, maximum=1.0, step=0.05),
+        Knob("fastvid_anchor_step", "FastVID anchor step p", "int", 4, "FastVID: every p-th frame of a segment "
+             "(from its last) holds the segment's contextual tokens.", minimum=1, maximum=64, step=1),
+        Knob("fastvid_beta", "FastVID merge weight β", "float", 0.6, "FastVID: a merged token keeps at least "
+             "this weight of its anchor token.", minimum=0.0, maximum=1.0, step=0.05),
+    )
+
+    def place(self, frame_tokens: torch.Tensor, attention: torch.Tensor | None, kept: int) -> Placed:
+        settings = FastVIDSettings(self.min_segments, self.segment_threshold, self.contextual_share,
+                                   self.anchor_step, self.beta)
+        return fastvid_compress(frame_tokens, attention, kept, settings)
+
+
+@dataclass(frozen=True)
+class VidCom2Method(_MergedBeforeLLM):
+    """VidCom²: a budget per frame from its uniqueness, then the frame's most distinct tokens."""
+
+    name: str = "vidcom2"
+    summary: str = ("VidCom²: give unique frames more tokens, and keep in each frame the tokens least like the "
+                    "video and the frame")
+    prunes_at: str = "before the LLM (per-frame budgets from frame uniqueness)"
+    ratio: float | None = 0.75
+    match: str | None = None
+    temperature: float = 0.01
+    needs_vision_states = False
+    OPTIONS = {"vidcom2_ratio": "ratio", "vidcom2_temperature": "temperature", "match": "match"}
+    KNOBS = (
+        _ratio_knob("vidcom2", "the paper keeps 25%", 0.75),
+        Knob("vidcom2_temperature", "VidCom² temperature", "float", 0.01, "VidCom²: softmax temperature of the "
+             "frame uniqueness; lower gives unique frames a larger share.", minimum=0.001, maximum=10.0,
+             step=0.001),
+    )
+
+    def place(self, frame_tokens: torch.Tensor, attention: torch.Tensor | None, kept: int) -> Placed:
+        return vidcom2_compress(frame_tokens, kept, self.temperature)
+
+
+@dataclass(frozen=True)
+class FlashVIDMethod(_MergedBeforeLLM):
+    """FlashVID's vision side: attention-and-diversity selection, then tree-based spatio-temporal merging."""
+
+    name: str = "flashvid"
+    summary: str = ("FlashVID: per frame, pick diverse well-attended tokens, and merge the rest along temporal "
+                    "trees and density-peak clusters")
+    prunes_at: str = "before the LLM (ADTS + tree merging; its inner-LLM pruning is left out)"
+    ratio: float | None = 0.75
+    match: str | None = None
+    selection_share: float = 0.7
+    temporal_threshold: float = 0.8
+    segment_threshold: float = 0.9
+    min_segments: int = 8
+    OPTIONS = {"flashvid_ratio": "ratio", "flashvid_alpha": "selection_share", "flashvid_tau": "temporal_threshold",
+               "flashvid_segment_tau": "segment_threshold", "flashvid_segments": "min_segments", "match": "match"}
+    KNOBS = (
+        _ratio_knob("flashvid", "the paper keeps 25%", 0.75),
+        Knob("flashvid_alpha", "FlashVID selection share α", "float", 0.7, "FlashVID: share of each frame's budget "
+             "picked by attention and diversity; the rest comes from tree merging.", minimum=0.0, maximum=1.0,
+             step=0.05),
+        Knob("flashvid_tau", "FlashVID tree threshold", "float", 0.8, "FlashVID: a token joins its most similar "
+             "token of the previous frame when their cosine similarity is above this.", minimum=-1.0, maximum=1.0,
+             step=0.05),
+        Knob("flashvid_segment_tau", "FlashVID segment threshold", "float", 0.9, "FlashVID: cut between frames "
+             "whose mean tokens are less cosine-similar than this.", minimum=-1.0, maximum=1.0, step=0.05),
+        Knob("flashvid_segments", "FlashVID segments", "int", 8, "FlashVID: at least this many temporal segments.",
+             minimum=1, maximum=64, step=1),
+    )
+
+    def place(self, frame_tokens: torch.Tensor, attention: torch.Tensor | None, kept: int) -> Placed:
+        settings = FlashVIDSettings(self.selection_share, self.temporal_threshold, self.segment_threshold,
+                                    self.min_segments)
+        return flashvid_compress(frame_tokens, attention, kept, settings)
+
+
 REGISTRY: dict[str, Method] = {
     method.name: method
     for method in (
@@ -397,6 +587,10 @@ REGISTRY: dict[str, Method] = {
         VisionZipMethod(),
         RandomMethod(),
         UniformFramesMethod(),
+        HoliTomMethod(),
+        FastVIDMethod(),
+        VidCom2Method(),
+        FlashVIDMethod(),
     )
 }
 

@@ -13,7 +13,7 @@ from dycoke.bench.report import decode_table, describe, markdown_table, targets_
 from dycoke.bench.runner import BenchSettings, run_bench
 from dycoke.bench.specs import parse_methods
 from dycoke.bench.summary import targets
-from dycoke.methods import get_method, method_names
+from dycoke.methods import get_method, matchable_names, method_names
 
 
 # Repeats and warm-up per preset: `mini` at 8 and 32 frames stays within a few minutes on two CPU cores.
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated methods, each optionally with settings, e.g. dycoke:tau=-1 "
                              f"(default: every registered method: {','.join(method_names())})")
     parser.add_argument("--match", default=None, metavar="METHOD",
-                        help="give every peer with a budget knob (fastv, visionzip, random, uniform-frames) the "
+                        help=f"give every peer with a budget knob ({', '.join(matchable_names())}) the "
                              "attended visual budget of METHOD, e.g. dycoke")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request, EOS ignored")
     parser.add_argument("--repeats", type=int, default=None, help="measured repeats (default depends on the preset)")
