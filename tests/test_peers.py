@@ -49,15 +49,16 @@ def test_transition_segments_cut_below_the_threshold_and_at_the_least_similar_tr
 
 
 def test_density_peaks_are_the_middles_of_the_two_clusters():
-    points = torch.tensor([[0.0], [0.1], [0.2], [5.0], [5.1], [5.2]])
+    points = torch.tensor([[0.0], [0.25], [0.5], [4.0], [4.25], [4.5]])  # exact in binary: no float ties broken
     # Each middle point has the two others of its cluster as neighbours: the highest density, equal for both
-    # clusters, so the lower index counts as denser; it scores with the largest distance (5.2), the other middle
-    # with its distance to it (5.0); the rest only with 0.1, to their middle.
+    # clusters, so the lower index counts as denser; it scores with the largest distance (4.5), the other middle
+    # with its distance to it (4.0); the rest only with 0.25, to their middle.
     scores = density_peak_scores(points, neighbours=3)
     assert top_indices(scores, 2).tolist() == [1, 4]
-    density = math.exp(-(0 + 0.01 + 0.01) / 3)
-    assert scores[1].item() == pytest.approx(5.2 * density, rel=1e-5)
-    assert scores[4].item() == pytest.approx(5.0 * density, rel=1e-5)
+    density = math.exp(-(0 + 0.0625 + 0.0625) / 3)
+    assert scores[1].item() == pytest.approx(4.5 * density, rel=1e-5)
+    assert scores[4].item() == pytest.approx(4.0 * density, rel=1e-5)
+    assert scores[0].item() == pytest.approx(0.25 * math.exp(-(0 + 0.0625 + 0.25) / 3), rel=1e-5)
 
 
 # --- HoliTom ------------------------------------------------------------------------------------------------------
