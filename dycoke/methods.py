@@ -333,8 +333,16 @@ DROP_RATIO = Knob("drop_ratio", "drop ratio", "float", 0.5, "Share of the video'
                   "the language model.", minimum=0.0, maximum=0.95, step=0.05, matched=True)
 
 
+class _PrunedBeforeLLM(_PeerMethod):
+    """A peer that drops tokens before the LLM: every layer attends to the kept_count(T·N, ratio) it keeps."""
+
+    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
+        kept = self.resolve(config, num_frames, tokens_per_frame).kept_total(num_frames, tokens_per_frame)
+        return VisualBudget(kept, kept)
+
+
 @dataclass(frozen=True)
-class RandomMethod(_PeerMethod):
+class RandomMethod(_PrunedBeforeLLM):
     """Random: a seeded, uniformly random subset of the video's tokens, of a matched size."""
 
     name: str = "random"
@@ -355,10 +363,6 @@ class RandomMethod(_PeerMethod):
         if not _is_integer(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
 
-    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
-        kept = self.resolve(config, num_frames, tokens_per_frame).kept_total(num_frames, tokens_per_frame)
-        return VisualBudget(kept, kept)
-
     def keep_mask(self, frame_features: torch.Tensor, config: DyCokeConfig) -> torch.Tensor:
         num_frames, tokens_per_frame = frame_features.shape[:2]
         kept = self.kept_total(num_frames, tokens_per_frame)
@@ -369,7 +373,7 @@ class RandomMethod(_PeerMethod):
 
 
 @dataclass(frozen=True)
-class UniformFramesMethod(_PeerMethod):
+class UniformFramesMethod(_PrunedBeforeLLM):
     """Uniform frames: whole, evenly spaced frames of a matched budget (the last one in part if it does not divide)."""
 
     name: str = "uniform-frames"
@@ -379,10 +383,6 @@ class UniformFramesMethod(_PeerMethod):
     match: str | None = "dycoke"
     OPTIONS = {"drop_ratio": "ratio", "match": "match"}
     KNOBS = (DROP_RATIO,)
-
-    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
-        kept = self.resolve(config, num_frames, tokens_per_frame).kept_total(num_frames, tokens_per_frame)
-        return VisualBudget(kept, kept)
 
     def keep_mask(self, frame_features: torch.Tensor, config: DyCokeConfig) -> torch.Tensor:
         num_frames, tokens_per_frame = frame_features.shape[:2]
@@ -395,7 +395,7 @@ class UniformFramesMethod(_PeerMethod):
         return mask.to(frame_features.device)
 
 
-class _MergedBeforeLLM(_PeerMethod):
+class _MergedBeforeLLM(_PrunedBeforeLLM):
     """A peer that prunes and merges before the LLM to exactly its budget: kept_count(T·N, ratio) tokens, each
     placed at the (frame, position) it stands for. Its knobs other than the ratio are checked against their knobs'
     ranges."""
@@ -408,10 +408,6 @@ class _MergedBeforeLLM(_PeerMethod):
         for knob in self.KNOBS:
             if knob.name in fields:
                 _check_knob(knob, getattr(self, fields[knob.name]))
-
-    def budget(self, config: DyCokeConfig, num_frames: int, tokens_per_frame: int) -> VisualBudget:
-        kept = self.resolve(config, num_frames, tokens_per_frame).kept_total(num_frames, tokens_per_frame)
-        return VisualBudget(kept, kept)
 
     def compress(self, visual: VisualInput, config: DyCokeConfig) -> CompressedVisual:
         frame_tokens = visual.frame_tokens
@@ -427,8 +423,8 @@ class _MergedBeforeLLM(_PeerMethod):
 
 def _check_knob(knob: Knob, value: object) -> None:
     whole = knob.kind in ("int", "layer")
-    if (not _is_integer(value) if whole else not isinstance(value, numbers.Real) or isinstance(value, bool)) or \
-            not knob.minimum <= value <= knob.maximum:
+    right_type = _is_integer(value) if whole else isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not right_type or not knob.minimum <= value <= knob.maximum:
         kind = "a whole number" if whole else "a number"
         raise ConfigError(f"{knob.name} ({knob.label}) must be {kind} in [{knob.minimum}, {knob.maximum}], "
                           f"got {value!r}")
