@@ -36,20 +36,28 @@ class FlashVIDSettings:
     min_segments: int = 8
 
 
-def diverse_selection(tokens: torch.Tensor, attention: torch.Tensor, count: int) -> torch.Tensor:
-    """Greedy calibrated max-min diversity: `count` indices into `tokens` [n, D], ascending."""
-    if count == 0:
-        return torch.zeros(0, dtype=torch.long, device=tokens.device)
+def diverse_selection(tokens: torch.Tensor, attention: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Greedy calibrated max-min diversity in every frame at once: counts[t] indices into frame t's tokens
+    [T, n, D], ascending. A frame's first k picks do not depend on how many more follow, so all frames run the
+    same number of greedy steps and each keeps its own first counts[t]."""
+    frames, count = tokens.shape[0], tokens.shape[1]
+    steps = max(counts, default=0)
+    if steps == 0:
+        return [torch.zeros(0, dtype=torch.long, device=tokens.device) for _ in range(frames)]
     unit = torch.nn.functional.normalize(tokens.float(), dim=-1)
-    distance = (1 - unit @ unit.T) * attention.float()[None, :]  # [i, j]: to candidate j from token i
-    others = distance + torch.diag(torch.full((tokens.shape[0],), float("inf"), device=tokens.device))
-    picked = [int(others.min(dim=0).values.argmax())]
-    nearest_picked = distance[picked[0]].clone()
-    for _ in range(1, count):
-        nearest_picked[picked] = -1.0
-        picked.append(int(nearest_picked.argmax()))
-        nearest_picked = torch.minimum(nearest_picked, distance[picked[-1]])
-    return torch.sort(torch.tensor(picked, device=tokens.device)).values
+    distance = (1 - unit @ unit.transpose(1, 2)) * attention.float()[:, None, :]  # [t, i, j]: to candidate j
+    itself = torch.eye(count, dtype=torch.bool, device=tokens.device)
+    rows = torch.arange(frames, device=tokens.device)
+    pick = distance.masked_fill(itself, float("inf")).min(dim=1).values.argmax(dim=1)
+    picks, taken = [pick], torch.zeros(frames, count, dtype=torch.bool, device=tokens.device)
+    nearest_pick = distance[rows, pick]
+    for _ in range(1, steps):
+        taken[rows, pick] = True
+        pick = nearest_pick.masked_fill(taken, -1.0).argmax(dim=1)
+        picks.append(pick)
+        nearest_pick = torch.minimum(nearest_pick, distance[rows, pick])
+    chosen = torch.stack(picks, dim=1)
+    return [torch.sort(chosen[t, :counts[t]]).values for t in range(frames)]
 
 
 def frame_split(kept: int, num_frames: int, selection_share: float) -> tuple[list[int], list[int]]:
@@ -63,26 +71,29 @@ def temporal_links(frame_tokens: torch.Tensor, rest: list[torch.Tensor], segment
                    most_links: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per frame t > first: (linked, parent) indices into rest[t] and rest[t-1].
 
-    A link needs similarity > threshold; if more than `most_links` qualify, only the most similar are kept, so
-    that enough roots remain for the segment's budget."""
+    A link needs similarity > threshold; if more than `most_links` qualify, only the most similar are kept (ties to
+    the earlier frame and position), so that enough roots remain for the segment's budget."""
     first, last = segment
     unit = torch.nn.functional.normalize
-    candidates = []
+    similarity, frame, index, parent = [], [], [], []
     for t in range(first + 1, last + 1):
         if rest[t].numel() == 0 or rest[t - 1].numel() == 0:
             continue
-        similarity = unit(frame_tokens[t, rest[t]].float(), dim=-1) @ unit(frame_tokens[t - 1, rest[t - 1]].float(), dim=-1).T
-        best, parent = similarity.max(dim=-1)
-        candidates.extend((float(s), t, i, int(p)) for i, (s, p) in enumerate(zip(best.tolist(), parent.tolist()))
-                          if s > threshold)
-    candidates.sort(key=lambda link: (-link[0], link[1], link[2]))
-    links: dict[int, tuple[list[int], list[int]]] = {}
-    for _, t, index, parent in candidates[:max(most_links, 0)]:
-        links.setdefault(t, ([], []))
-        links[t][0].append(index)
-        links[t][1].append(parent)
-    device = frame_tokens.device
-    return {t: (torch.tensor(a, device=device), torch.tensor(b, device=device)) for t, (a, b) in links.items()}
+        cosine = unit(frame_tokens[t, rest[t]].float(), dim=-1) @ unit(frame_tokens[t - 1, rest[t - 1]].float(), dim=-1).T
+        best, nearest = cosine.max(dim=-1)
+        similarity.append(best)
+        frame.append(torch.full_like(nearest, t))
+        index.append(torch.arange(nearest.numel(), device=nearest.device))
+        parent.append(nearest)
+    if not similarity:
+        return {}
+    similarity, frame, index, parent = (torch.cat(part) for part in (similarity, frame, index, parent))
+    qualified = (similarity > threshold).nonzero()[:, 0]
+    strongest = qualified[torch.argsort(similarity[qualified], descending=True, stable=True)[:max(most_links, 0)]]
+    kept = torch.zeros_like(similarity, dtype=torch.bool)
+    kept[strongest] = True
+    return {t: (index[kept & (frame == t)], parent[kept & (frame == t)])
+            for t in torch.unique(frame[kept]).tolist()}
 
 
 def tree_roots(frame_tokens: torch.Tensor, rest: list[torch.Tensor], segment: Segment, threshold: float,
@@ -123,7 +134,7 @@ def flashvid_compress(frame_tokens: torch.Tensor, attention: torch.Tensor, kept:
     if kept == num_frames * tokens_per_frame:
         return Placed.everything(frame_tokens)
     selected_counts, merged_counts = frame_split(kept, num_frames, settings.selection_share)
-    selected = [diverse_selection(frame_tokens[t], attention[t], selected_counts[t]) for t in range(num_frames)]
+    selected = diverse_selection(frame_tokens, attention, selected_counts)
     rest = [complement(selected[t], tokens_per_frame) for t in range(num_frames)]
     parts = [Placed(frame_tokens[t, selected[t]], selected[t] + t * tokens_per_frame) for t in range(num_frames)]
     for first, last in transition_segments(frame_tokens.mean(dim=1), settings.segment_threshold,

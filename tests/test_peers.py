@@ -162,9 +162,13 @@ def test_flashvid_selection_maximises_the_attention_weighted_minimum_distance():
     tokens = torch.stack([E1, at_angle(10), E2, -E1])
     # Equal attention: the first pick is the token farthest from its nearest other token: -e1 (nearest e2,
     # 1 - cos = 1); then the token farthest from -e1: e1 (distance 2) before 10 degrees (1.985).
-    assert diverse_selection(tokens, torch.ones(4), 2).tolist() == [0, 3]
+    assert diverse_selection(tokens[None], torch.ones(1, 4), [2])[0].tolist() == [0, 3]
     # With e1 ignored by the vision tower, the 10-degree token takes its place.
-    assert diverse_selection(tokens, torch.tensor([0.0, 1.0, 1.0, 1.0]), 2).tolist() == [1, 3]
+    weighted = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    assert diverse_selection(tokens[None], weighted, [2])[0].tolist() == [1, 3]
+    # Frames run side by side: each keeps its own first picks, as if it had run alone.
+    both = diverse_selection(torch.stack([tokens, tokens]), torch.cat([torch.ones(1, 4), weighted]), [1, 2])
+    assert [picks.tolist() for picks in both] == [[3], [1, 3]]
 
 
 def test_flashvid_trees_link_similar_tokens_to_the_previous_frame():
