@@ -1,4 +1,8 @@
-"""`python -m dycoke answer VIDEO "QUESTION" ...`: one request from the command line (DESIGN.md §4)."""
+"""`python -m dycoke answer VIDEO "Q1" ["Q2" ...]`: one conversation from the command line (DESIGN.md §4).
+
+Several questions are asked in order as one conversation, each turn reusing the video prefix and the turns
+before it (`--no-reuse` recomputes every turn from scratch: same prompt, same answers).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from dycoke.limits import MAX_FRAMES, RequestError, check_frames, check_new_toke
 from dycoke.methods import configure, get_method, matchable_names, method_names
 from dycoke.video import VideoError, load_video_isolated
 
+DTYPES = ("float32", "float64", "bfloat16")
 TINY_NOTICE = "note: the 'tiny-random' model has random weights; its answers are meaningless (token counts and timings are real)"
 
 
@@ -27,9 +32,11 @@ def knob_flags() -> list:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dycoke", description="DyCoke token compression for video LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
-    answer = commands.add_parser("answer", help="answer a question about a video")
+    answer = commands.add_parser("answer", help="answer questions about a video, as one conversation")
     answer.add_argument("video", help="path to a video file")
-    answer.add_argument("question", help="the question to ask about the video")
+    answer.add_argument("questions", nargs="+", metavar="QUESTION",
+                        help="the question to ask about the video; more than one are asked in order, as one "
+                             "conversation")
     answer.add_argument("--model", default="tiny-random", help="tiny-random, a Hugging Face Hub id or a local path (default: tiny-random)")
     answer.add_argument("--method", default="dycoke", choices=method_names(), help="compression method")
     answer.add_argument("--frames", type=int, default=32, help=f"frames sampled uniformly, 1..{MAX_FRAMES}")
@@ -62,8 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     for knob in knob_flags():
         answer.add_argument(knob.cli_flag, dest=knob.name, type=float if knob.kind == "float" else int, default=None,
                             help=f"{knob.help} (default: {knob.default})".replace("%", "%%"))
+    answer.add_argument("--no-reuse", action="store_true",
+                        help="recompute every turn from scratch instead of reusing the video prefix and earlier "
+                             "turns (same prompt, same answers; for comparison)")
     answer.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    answer.add_argument("--json", action="store_true", help="print one JSON object with answer, metrics and trace")
+    answer.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
+    answer.add_argument("--json", action="store_true",
+                        help="print one JSON object with answer, metrics and trace (a JSON array of them, one per "
+                             "turn, for several questions)")
     return parser
 
 
@@ -79,26 +93,38 @@ def run_answer(args: argparse.Namespace) -> int:
                        visionzip_dominant=args.visionzip_dominant, visionzip_contextual=args.visionzip_contextual,
                        drop_ratio=args.drop_ratio, seed=args.seed,
                        **{knob.name: getattr(args, knob.name) for knob in knob_flags()})
-    clean_question(args.question)
+    for question in args.questions:
+        clean_question(question)
     check_new_tokens(args.max_new_tokens)
     clip = load_video_isolated(args.video, check_frames(args.frames))
 
-    from dycoke.models import ModelLoadError, load  # heavy imports once the cheap checks have passed
-    from dycoke.pipeline import Pipeline, TextDelta
+    import torch  # heavy imports once the cheap checks have passed
 
+    from dycoke.conversation import Conversation
+    from dycoke.models import ModelLoadError, load
+    from dycoke.pipeline import Pipeline, Result, TextDelta
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        pipeline = Pipeline(load(args.model, device=args.device))
+        pipeline = Pipeline(load(args.model, device=args.device, dtype=dtype))
     except ModelLoadError as error:
         raise RequestError(str(error)) from error
-    options = dict(method=method, config=config, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+    conversation = Conversation(pipeline, clip, method, config, max_new_tokens=args.max_new_tokens,
+                                ignore_eos=args.ignore_eos, reuse=not args.no_reuse)
+    results = []
+    for question in args.questions:
+        if not args.json and len(args.questions) > 1:
+            print(f"> {question}", flush=True)
+        for event in conversation.ask(question):
+            if isinstance(event, Result):
+                results.append(event.to_dict())
+            elif isinstance(event, TextDelta) and not args.json:
+                print(event.text, end="", flush=True)
+        if not args.json:
+            print()
     if args.json:
-        print(json.dumps(pipeline.answer(clip, args.question, **options).to_dict()))
-        return 0
-    for event in pipeline.stream(clip, args.question, **options):
-        if isinstance(event, TextDelta):
-            print(event.text, end="", flush=True)
-    print()
-    if pipeline.loaded.is_random:
+        print(json.dumps(results[0] if len(results) == 1 else results))
+    elif pipeline.loaded.is_random:
         print(TINY_NOTICE, file=sys.stderr)
     return 0
 

@@ -82,6 +82,7 @@ class Method:
     prunes_at: str = "nothing"
     matchable = False  # has a drop ratio that `match_budget` can set
     needs_vision_states = False  # compress() reads VisualInput.feature_layer_input
+    resumes_cache = True  # a conversation's next turn can prefill on top of this method's cache
     OPTIONS: dict[str, str] = {}  # option name (as in the CLI and the results' config) -> field
     KNOBS: tuple[Knob, ...] = ()  # the method's own knobs (named as in OPTIONS), for the app's settings panel
 
@@ -232,6 +233,7 @@ class FastVMethod(_PeerMethod):
     summary: str = ("FastV: from the FastV layer of the prefill on, drop the visual tokens the last prompt token "
                     "attends to least")
     prunes_at: str = "prefill (layers from the FastV layer on), and decode on the shorter cache"
+    resumes_cache = False  # its layers >= K hold only the first prompt's kept tokens
     layer: int = 2
     ratio: float | None = 0.5
     match: str | None = None

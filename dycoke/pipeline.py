@@ -6,6 +6,7 @@ import gc
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from dycoke.limits import (
     MAX_FRAMES, RequestError, VideoLimits, check_frames, check_new_tokens, check_question_tokens, clean_question,
 )
 from dycoke.methods import Method, VisualInput, VisualLayout, get_method, install_hooks
+from dycoke.memory import ConversationMemory
 from dycoke.metrics import Clock, RequestTimes, cache_bytes, peak_memory_bytes, reset_peak_memory
 from dycoke.models import LoadedModel
 from dycoke.video import VideoClip, load_video_isolated, to_pixel_values
@@ -28,6 +30,7 @@ ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"
 Progress = Callable[[float, str], None]
 # What running out of memory raises: CUDA's allocator (torch.OutOfMemoryError, a RuntimeError) or the host's.
 OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
+Value = TypeVar("Value")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,33 @@ class Result:
 Event = TextDelta | StepTrace | Result
 
 
+@dataclass(frozen=True)
+class VisionFeatures:
+    """The vision side of one clip, independent of the method: what every method compresses."""
+
+    frame_tokens: torch.Tensor  # [T, N, D] projected, pooled frame tokens
+    newline: torch.Tensor  # [D] the image_newline token
+    feature_layer_input: torch.Tensor | None = None  # [T, P, Dv] entering the vision feature layer, if asked for
+
+    def nbytes(self) -> int:
+        tensors = (self.frame_tokens, self.newline, self.feature_layer_input)
+        return sum(tensor.nbytes for tensor in tensors if tensor is not None)
+
+
+@dataclass(frozen=True)
+class VideoPrefix:
+    """The prompt up to the question for one method: system turn, the kept visual tokens, the newline."""
+
+    embeds: torch.Tensor  # [1, P, D]
+    layout: VisualLayout
+    keep_mask: torch.Tensor
+    ttm_kept_per_frame: list[int]
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
+
+
 @dataclass
 class Prepared:
     """Everything generation needs, built before the first token."""
@@ -77,10 +107,11 @@ class Pipeline:
     """Holds one loaded model and runs requests on it; all per-request state lives in the request's own objects."""
 
     def __init__(self, loaded: LoadedModel, max_frames: int = MAX_FRAMES,
-                 video_limits: VideoLimits = VideoLimits()) -> None:
+                 video_limits: VideoLimits = VideoLimits(), memory: ConversationMemory | None = None) -> None:
         self.loaded = loaded
         self.max_frames = max_frames
         self.video_limits = video_limits
+        self.memory = memory or ConversationMemory()  # what this process's conversations may keep between turns
         self.clock = Clock(loaded.device)
         install_hooks(loaded.model)
 
@@ -107,12 +138,7 @@ class Pipeline:
         progress: Progress | None = None,
     ) -> Iterator[Event]:
         """Yield text deltas and one StepTrace per decoding step while generating, then the Result."""
-        chosen = method if isinstance(method, Method) else get_method(method)
-        requested = config or DyCokeConfig()
-        settings = chosen.effective_config(requested)
-        settings.check_layers(self.loaded.num_layers)
-        chosen.check_model(self.loaded.num_layers)
-        check_new_tokens(max_new_tokens)
+        chosen, requested, settings = self.check_request(method, config, max_new_tokens)
         prompt = encode_prompt(self.loaded.tokenizer, question)
         report = progress or (lambda fraction, message: None)
 
@@ -122,16 +148,31 @@ class Pipeline:
         times = RequestTimes(decode_video_s=clip.decode_seconds)
         chosen = chosen.resolve(requested, clip.num_frames, self.loaded.tokens_per_frame)  # e.g. a matched budget
         report(0.3, "encoding frames")
+        prepared = self.guard_memory(lambda: self.prepare(clip, prompt, chosen, settings, times), clip.num_frames)
+        report(0.5, "generating")
+        yield from self.generate(prepared, clip, chosen, settings, max_new_tokens, ignore_eos)
+
+    def check_request(self, method: str | Method, config: DyCokeConfig | None,
+                      max_new_tokens: int) -> tuple[Method, DyCokeConfig, DyCokeConfig]:
+        """The method, the requested settings and the ones it really uses, refused early if they do not fit."""
+        chosen = method if isinstance(method, Method) else get_method(method)
+        requested = config or DyCokeConfig()
+        settings = chosen.effective_config(requested)
+        settings.check_layers(self.loaded.num_layers)
+        chosen.check_model(self.loaded.num_layers)
+        check_new_tokens(max_new_tokens)
+        return chosen, requested, settings
+
+    def guard_memory(self, work: Callable[[], Value], num_frames: int) -> Value:
+        """Run `work` in inference mode; running out of memory becomes the one-line error, with the memory freed."""
         out_of_memory = False
         try:
             with torch.inference_mode():
-                prepared = self.prepare(clip, prompt, chosen, settings, times)
+                return work()
         except OUT_OF_MEMORY:
             out_of_memory = True  # raised below, outside this block, so no traceback keeps the tensors alive
         if out_of_memory:
-            raise self._out_of_memory(clip.num_frames)
-        report(0.5, "generating")
-        yield from self._generate(prepared, clip, chosen, settings, max_new_tokens, ignore_eos)
+            raise self._out_of_memory(num_frames)
 
     def _out_of_memory(self, num_frames: int, prepared: Prepared | None = None) -> RequestError:
         """Free what the failed request held, then the one-line error that tells the user what to change."""
@@ -150,28 +191,38 @@ class Pipeline:
         `method` must be resolved (Method.resolve) for this clip; `stream` does that.
         """
         times = times or RequestTimes()
-        device = self.loaded.device
-        reset_peak_memory(device)
-        model = self.loaded.model
+        reset_peak_memory(self.loaded.device)
         times.vision_start = self.clock.now()
-        frame_tokens, newline, feature_layer_input = self._vision_features(clip, method.needs_vision_states)
+        features = self.vision_features(clip, method.needs_vision_states)
         times.vision_end = self.clock.now()
-        compressed = method.compress(VisualInput(frame_tokens, model, feature_layer_input), settings)
-        kept_tokens = compressed.tokens
-        embed = model.get_input_embeddings()
-        prefix, suffix = (torch.tensor([ids], device=embed.weight.device) for ids in prompt)
-        embeds = torch.cat(
-            [embed(prefix), kept_tokens[None].to(embed.weight.device), newline[None, None], embed(suffix)], dim=1
-        )
-        layout = VisualLayout(
-            start=len(prompt[0]),
-            frame_of_token=compressed.frame_of_token,
-            num_frames=clip.num_frames,
-        )
-        cache = method.make_cache(layout, settings)
-        ttm_kept_per_frame = torch.bincount(compressed.frame_of_token, minlength=clip.num_frames).tolist()
+        prefix = self.video_prefix(features, prompt[0], method, settings)
+        embeds = torch.cat([prefix.embeds, self.embed_text(prompt[1])], dim=1)
+        cache = method.make_cache(prefix.layout, settings)
         times.compress_end = self.clock.now()
-        return Prepared(embeds, cache, compressed.keep_mask, ttm_kept_per_frame, times)
+        return Prepared(embeds, cache, prefix.keep_mask, prefix.ttm_kept_per_frame, times)
+
+    def video_prefix(self, features: VisionFeatures, system_ids: list[int], method: Method,
+                     settings: DyCokeConfig) -> VideoPrefix:
+        """Compress the clip's features with `method` (resolved for the clip) into the prompt's video prefix."""
+        model = self.loaded.model
+        compressed = method.compress(VisualInput(features.frame_tokens, model, features.feature_layer_input),
+                                     settings)
+        device = model.get_input_embeddings().weight.device
+        embeds = torch.cat([self.embed_text(system_ids), compressed.tokens[None].to(device),
+                            features.newline[None, None].to(device)], dim=1)
+        num_frames = features.frame_tokens.shape[0]
+        layout = VisualLayout(start=len(system_ids), frame_of_token=compressed.frame_of_token, num_frames=num_frames)
+        ttm_kept_per_frame = torch.bincount(compressed.frame_of_token, minlength=num_frames).tolist()
+        return VideoPrefix(embeds, layout, compressed.keep_mask, ttm_kept_per_frame)
+
+    def embed_text(self, ids: list[int]) -> torch.Tensor:
+        """Token embeddings [1, len(ids), D]."""
+        embed = self.loaded.model.get_input_embeddings()
+        return embed(torch.tensor([ids], dtype=torch.long, device=embed.weight.device))
+
+    def vision_features(self, clip: VideoClip, with_feature_layer_input: bool = False) -> VisionFeatures:
+        """The clip through the vision tower and projector; methods that look inside the tower ask for more."""
+        return VisionFeatures(*self._vision_features(clip, with_feature_layer_input))
 
     def _vision_features(self, clip: VideoClip, with_feature_layer_input: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -194,10 +245,14 @@ class Pipeline:
         frame_tokens = features[:-1].view(clip.num_frames, self.loaded.tokens_per_frame, -1)
         return frame_tokens, features[-1], outputs.hidden_states[index - 1] if capture else None
 
-    def _generate(self, prepared: Prepared, clip: VideoClip, method: Method, settings: DyCokeConfig,
-                  max_new_tokens: int, ignore_eos: bool) -> Iterator[Event]:
+    def generate(self, prepared: Prepared, clip: VideoClip, method: Method, settings: DyCokeConfig,
+                 max_new_tokens: int, ignore_eos: bool, cancelled: threading.Event | None = None) -> Iterator[Event]:
+        """Stream generation on `prepared` from a worker thread, always joined before this returns.
+
+        Setting `cancelled` ends generation after the step in progress; the Result then holds the partial answer.
+        """
         events: queue.Queue = queue.Queue()
-        cancelled = threading.Event()
+        cancelled = cancelled or threading.Event()
         streamer = _TraceStreamer(self.loaded.tokenizer, prepared, method, self.clock, events)
         worker = threading.Thread(
             target=self._run_generate,
@@ -335,8 +390,19 @@ class _TraceStreamer(BaseStreamer):
 
 def encode_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
     """Token ids before and after the video; user text can never become chat-template special tokens."""
+    question_ids = encode_question(tokenizer, question)
+    return template_ids(tokenizer, SYSTEM_TURN), template_ids(tokenizer, "\n") + question_ids + template_ids(
+        tokenizer, ASSISTANT_TURN)
+
+
+def encode_question(tokenizer, question: str) -> list[int]:
+    """The cleaned question's token ids, special-token text split into plain tokens; refused when too long."""
     cleaned = clean_question(question)
     question_ids = tokenizer(cleaned, add_special_tokens=False, split_special_tokens=True).input_ids
     check_question_tokens(len(question_ids))
-    template = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    return template(SYSTEM_TURN), template("\n") + question_ids + template(ASSISTANT_TURN)
+    return question_ids
+
+
+def template_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of chat-template text, whose special tokens stay special."""
+    return tokenizer(text, add_special_tokens=False).input_ids

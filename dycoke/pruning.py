@@ -175,7 +175,8 @@ class DyCokeCache(DynamicCache):
             shape = (self.num_layers - self.prune_layer, 2, *keys.shape[1:])
             self.prefill = keys.new_empty(shape)
         if self.prefill.shape[3] != keys.shape[-2] or self.compact is not None:
-            raise RuntimeError("DyCokeCache takes one prefill, then one token per step (as generate does)")
+            raise RuntimeError("DyCokeCache takes a prefill, then one token per step (as generate does); "
+                               "crop() it back to the prompt before a further prefill")
         self.prefill[slot, 0] = keys[0]
         self.prefill[slot, 1] = values[0]
         layer = self.layers[layer_idx]
@@ -244,6 +245,23 @@ class DyCokeCache(DynamicCache):
             ])
             self._positions = (length, device, positions)
         return self._positions[2]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Cut the cache to `get_seq_length() - |tokens_to_remove|` positions and forget the selection.
+
+        Decoded tokens' K/V at the pruned layers were computed against the selected visual tokens only, so a
+        further prefill (the next turn of a conversation) must come after a crop to the end of the last prompt:
+        the new prompt then attends to everything, as a first prefill does, and decoding after it selects afresh.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the number of tokens to remove, as a negative integer, got {tokens_to_remove}")
+        length = self.get_seq_length() - abs(tokens_to_remove)
+        for layer in self.layers:  # the pruned layers hold only their prefill, possibly shorter than layer 0
+            if layer.is_initialized and layer.keys.shape[-2] > length:
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        self.prefill = self.compact = self.selected = self.previous_scores = None
+        self.compact_lengths, self.steps, self.reselections = [], [], 0
+        self.stale, self._pending_query, self._positions, self._kept_per_frame = False, None, None, []
 
     def _length_layer(self, layer_idx: int) -> int:
         # Pruned layers hold only the prefill in `layers` once decoding starts; layer 0 holds every position.
