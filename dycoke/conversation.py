@@ -105,7 +105,6 @@ class Conversation:
         self._kept: _Kept | None = None
         self._evicted = False
         self._busy = threading.Lock()
-        self._accounting = False  # a finished turn's cache is being accounted for: it may be evicted at once
         self._cancel: threading.Event | None = None
         self._stop_requested = False
         tokenizer = pipeline.loaded.tokenizer
@@ -126,19 +125,20 @@ class Conversation:
         """Answer `question` as the next turn: a Notice if the prefix had to be recomputed, then text deltas and
         one StepTrace per decoding step, then the Result (with `prefix_reused`, `prefill_tokens`, `stopped`)."""
         question_ids = encode_question(self.pipeline.loaded.tokenizer, question)
-        with self._turn_slot():
-            yield from self._run_turn(question, question_ids)
+        with self._turn_slot() as slot:
+            yield from self._run_turn(slot, question, question_ids)
 
     def regenerate(self) -> Iterator[Event | Notice]:
         """Ask the last question again in place of its answer (greedy decoding gives the same answer unless the
         last one was stopped or cut short)."""
-        with self._turn_slot():
+        with self._turn_slot() as slot:
             if not self._turns:
                 raise RequestError("there is no answer to regenerate: ask a question first")
             last = self._turns.pop()
             if self._kept is not None:
                 _rewind(self._kept.cache, self._kept.prefix_length + len(self._history_ids()))
-            yield from self._run_turn(last.question, encode_question(self.pipeline.loaded.tokenizer, last.question))
+            question_ids = encode_question(self.pipeline.loaded.tokenizer, last.question)
+            yield from self._run_turn(slot, last.question, question_ids)
 
     def answer(self, question: str) -> Result:
         """Run a turn to the end and return its result."""
@@ -163,9 +163,6 @@ class Conversation:
 
     def evict(self) -> bool:
         """Drop the cache to free memory (ConversationMemory calls this); False while a turn is running."""
-        if self._accounting:
-            self._forget_cache()
-            return True
         if not self._busy.acquire(blocking=False):
             return False
         try:
@@ -182,15 +179,16 @@ class Conversation:
     # --- one turn ---------------------------------------------------------------------------------------------
 
     @contextmanager
-    def _turn_slot(self) -> Iterator[None]:
+    def _turn_slot(self) -> Iterator["_Slot"]:
         if not self._busy.acquire(blocking=False):
             raise RequestError("this conversation is still answering: wait for the answer or stop it")
+        slot = _Slot(self._busy)
         try:
-            yield
+            yield slot
         finally:
-            self._busy.release()
+            slot.release()
 
-    def _run_turn(self, question: str, question_ids: list[int]) -> Iterator[Event | Notice]:
+    def _run_turn(self, slot: "_Slot", question: str, question_ids: list[int]) -> Iterator[Event | Notice]:
         if len(self._turns) >= self.max_turns:
             raise RequestError(f"this conversation has reached its limit of {self.max_turns} turns: "
                                "start a new conversation")
@@ -233,9 +231,13 @@ class Conversation:
             raise
         finally:
             self._cancel = None
-        prefill_tokens = prepared.embeds.shape[1] - cached
-        yield self._commit(question, turn_ids, text_ids, kept, result, reused=cached > 0,
-                           prefill_tokens=prefill_tokens)
+        result = self._commit(question, turn_ids, text_ids, kept, result, reused=cached > 0,
+                              prefill_tokens=prepared.embeds.shape[1] - cached)
+        # Free before the Result is handed over: a consumer that keeps the stream open must not block the next turn.
+        slot.release()
+        if self._kept is kept:
+            self.pipeline.memory.hold(self, cache_bytes(kept.cache))  # this conversation itself may be evicted
+        yield result
 
     def _resumed(self, kept: _Kept, text_ids: list[int], times: RequestTimes) -> Prepared:
         """Embeddings for what the cache lacks, at the end of a full-length tensor as generate expects
@@ -283,11 +285,6 @@ class Conversation:
         if self.reuse and self.method.resumes_cache:
             self._to_device(kept.cache, torch.device("cpu") if self.keep_on_host else self.pipeline.loaded.device)
             self._kept = kept
-            self._accounting = True  # this very conversation may be the one evicted to stay within the bounds
-            try:
-                self.pipeline.memory.hold(self, cache_bytes(kept.cache))
-            finally:
-                self._accounting = False
         return result
 
     def _drop_cache(self) -> None:
@@ -316,6 +313,18 @@ class Conversation:
             if getattr(layer, "is_initialized", False) and layer.keys.device != device:
                 layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
                 layer.device = device
+
+
+class _Slot:
+    """The right to run a turn: a held lock, released once."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock: threading.Lock | None = lock
+
+    def release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
 
 def _rewind(cache: Cache, length: int) -> None:

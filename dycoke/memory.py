@@ -36,23 +36,29 @@ class ConversationMemory:
         # key -> (bytes, owner): a weak reference to a conversation, or the clip features themselves
         self._entries: OrderedDict[Hashable, tuple[int, Any]] = OrderedDict()
         self._features_ready: dict[Hashable, threading.Lock] = {}
+        # Keys of entries whose owner was garbage collected. A weakref callback can run inside any allocation,
+        # this thread's locked sections included, so it only appends here; locked sections purge.
+        self._dead: list[Hashable] = []
         self.evictions = 0
 
     @property
     def used_bytes(self) -> int:
         with self._lock:
+            self._purge()
             return sum(size for size, _ in self._entries.values())
 
     @property
     def conversations(self) -> int:
         with self._lock:
+            self._purge()
             return sum(1 for key in self._entries if key[0] == "kv")
 
     def hold(self, conversation: Evictable, nbytes: int) -> None:
         """Account for a conversation's cache as most recently used, then evict others (or it) past the bounds."""
         key = ("kv", id(conversation))
-        owner = weakref.ref(conversation, lambda _: self._forget(key))
+        owner = weakref.ref(conversation, lambda _: self._dead.append(key))
         with self._lock:
+            self._purge()
             self._entries[key] = (int(nbytes), owner)
             self._entries.move_to_end(key)
         self._enforce()
@@ -80,16 +86,19 @@ class ConversationMemory:
             computed = compute()
             key = ("features", id(clip), variant)
             with self._lock:
-                self._entries[key] = (nbytes(computed), (weakref.ref(clip, lambda _: self._forget(key)), computed))
+                self._purge()
+                self._entries[key] = (nbytes(computed), (weakref.ref(clip, lambda _: self._dead.append(key)),
+                                                         computed))
             self._enforce()
             return computed
 
     def _cached_features(self, clip: object, matches: Callable[[Hashable], bool]) -> Any:
         with self._lock:
-            for key, (_, (clip_ref, features)) in reversed(self._entries.items()):
-                if key[0] == "features" and key[1] == id(clip) and clip_ref() is clip and matches(key[2]):
+            self._purge()
+            for key, (_, held) in reversed(self._entries.items()):
+                if key[0] == "features" and key[1] == id(clip) and held[0]() is clip and matches(key[2]):
                     self._entries.move_to_end(key)
-                    return features
+                    return held[1]
         return None
 
     def _ready_lock(self, clip_id: int) -> threading.Lock:
@@ -98,8 +107,14 @@ class ConversationMemory:
 
     def _forget(self, key: Hashable) -> None:
         with self._lock:
+            self._purge()
             self._entries.pop(key, None)
-            if key[0] == "features" and not any(k[0] == "features" and k[1] == key[1] for k in self._entries):
+
+    def _purge(self) -> None:
+        while self._dead:
+            key = self._dead.pop()
+            self._entries.pop(key, None)
+            if key[0] == "features":
                 self._features_ready.pop(key[1], None)
 
     def _over(self) -> bool:
@@ -112,6 +127,7 @@ class ConversationMemory:
         skipped: set[Hashable] = set()
         while True:
             with self._lock:
+                self._purge()
                 if not self._over():
                     return
                 count = sum(1 for key in self._entries if key[0] == "kv")

@@ -6,9 +6,9 @@ import gc
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import Cache, StoppingCriteria, StoppingCriteriaList
@@ -18,8 +18,8 @@ from dycoke.config import DyCokeConfig
 from dycoke.limits import (
     MAX_FRAMES, RequestError, VideoLimits, check_frames, check_new_tokens, check_question_tokens, clean_question,
 )
-from dycoke.methods import Method, VisualInput, VisualLayout, get_method, install_hooks
 from dycoke.memory import ConversationMemory
+from dycoke.methods import Method, VisualInput, VisualLayout, get_method, install_hooks
 from dycoke.metrics import Clock, RequestTimes, cache_bytes, peak_memory_bytes, reset_peak_memory
 from dycoke.models import LoadedModel
 from dycoke.video import VideoClip, load_video_isolated, to_pixel_values

@@ -14,7 +14,7 @@ from dycoke.cli import main
 METRIC_KEYS = {
     "decode_video_ms", "vision_ms", "compress_ms", "prefill_ms", "ttft_ms", "total_ms", "new_tokens",
     "decode_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes", "visual_tokens_in", "visual_tokens_after_ttm",
-    "visual_tokens_attended_mean", "reselections",
+    "visual_tokens_attended_mean", "reselections", "prefix_reused", "prefill_tokens", "stopped",
 }
 
 
@@ -59,6 +59,25 @@ def test_json_figures_for_the_bunny(bunny_json):
     # 720 frames at 24 fps sampled uniformly: frame i*719/31 rounded, at 1/24 s each.
     expected = [round(i * 719 / 31) / 24 for i in range(32)]
     assert trace["frame_times_s"] == pytest.approx(expected, abs=0.05)
+
+
+def test_several_questions_are_one_conversation_printed_as_an_array(street, capsys):
+    args = ["answer", street, "What is there?", "What colour is it?", "Where does it go?", "--frames", "4",
+            "--max-new-tokens", "3", "--dtype", "float64", "--json"]
+    assert main(args) == 0
+    reused = json.loads(capsys.readouterr().out)
+    assert main(args + ["--no-reuse"]) == 0
+    recomputed = json.loads(capsys.readouterr().out)
+    assert isinstance(reused, list) and len(reused) == 3
+    assert all(set(turn["metrics"]) == METRIC_KEYS for turn in reused)
+    assert [turn["metrics"]["prefix_reused"] for turn in reused] == [False, True, True]
+    assert [turn["metrics"]["prefix_reused"] for turn in recomputed] == [False, False, False]
+    assert [turn["answer"] for turn in recomputed] == [turn["answer"] for turn in reused]
+    first, later = reused[0]["metrics"]["prefill_tokens"], [t["metrics"]["prefill_tokens"] for t in reused[1:]]
+    # the first turn prefills the 4 x 196 visual tokens and the prompt; a follow-up only its own few dozen
+    assert first > 4 * 196 and all(tokens < 60 for tokens in later)
+    assert [t["metrics"]["prefill_tokens"] for t in recomputed][1:] == [
+        first + sum(later[:i + 1]) for i in range(2)]
 
 
 def test_plain_output_streams_the_answer_and_warns_about_tiny(shared_videos):

@@ -33,6 +33,12 @@ def clip16():
     return moving_square_clip(16)
 
 
+@pytest.fixture(scope="module")
+def clip4():
+    """For the tests of bookkeeping rather than of numbers: fewer tokens, same code paths."""
+    return moving_square_clip(4)
+
+
 def template_prompt(tokenizer, questions: list[str], answers: list[str]) -> tuple[list[int], list[int]]:
     """The chat template's own rendering of the conversation, split at the video into token ids before and after."""
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": questions[0]}]}]
@@ -96,24 +102,24 @@ def test_reused_turns_equal_a_from_scratch_run_of_the_template_prompt(pipeline64
         previous_after, previous_answer = prompt[1], result.token_ids
 
 
-def test_without_reuse_every_turn_recomputes_the_same_answers(pipeline64, clip8):
-    reused = converse(Conversation(pipeline64, clip8, "dycoke", max_new_tokens=NEW_TOKENS))
-    recomputed = converse(Conversation(pipeline64, clip8, "dycoke", max_new_tokens=NEW_TOKENS, reuse=False))
+def test_without_reuse_every_turn_recomputes_the_same_answers(pipeline64, clip4):
+    reused = converse(Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS))
+    recomputed = converse(Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS, reuse=False))
     assert [r.token_ids for r in recomputed] == [r.token_ids for r in reused]
     assert [r.metrics["prefix_reused"] for r in recomputed] == [False] * 3
     assert all(r.metrics["vision_ms"] > 0 for r in recomputed)
 
 
-def test_methods_whose_cache_cannot_resume_recompute_each_turn(pipeline64, clip8):
-    results = converse(Conversation(pipeline64, clip8, "fastv", max_new_tokens=NEW_TOKENS), QUESTIONS[:2])
+def test_methods_whose_cache_cannot_resume_recompute_each_turn(pipeline64, clip4):
+    results = converse(Conversation(pipeline64, clip4, "fastv", max_new_tokens=NEW_TOKENS), QUESTIONS[:2])
     assert [r.metrics["prefix_reused"] for r in results] == [False, False]
     prompt = template_prompt(pipeline64.loaded.tokenizer, QUESTIONS[:2], [spoken(pipeline64.loaded.tokenizer,
                                                                                   results[0].token_ids)])
-    assert results[1].token_ids == from_scratch(pipeline64, clip8, "fastv", prompt).token_ids
+    assert results[1].token_ids == from_scratch(pipeline64, clip4, "fastv", prompt).token_ids
 
 
 def test_two_conversations_on_one_clip_encode_it_once(pipeline64, monkeypatch):
-    clip = moving_square_clip(8, seed=3)
+    clip = moving_square_clip(4, seed=3)
     encoded = []
     original = Pipeline._vision_features
 
@@ -131,10 +137,10 @@ def solo(pipeline, clip, method: str) -> list[list[int]]:
     return [r.token_ids for r in converse(Conversation(pipeline, clip, method, max_new_tokens=NEW_TOKENS))]
 
 
-def test_interleaved_conversations_never_see_each_others_turns(pipeline64, clip8, one_intra_op_thread):
-    other_clip = moving_square_clip(8, seed=7)
-    expected = {"a": solo(pipeline64, clip8, "dycoke"), "b": solo(pipeline64, other_clip, "dycoke")}
-    first = Conversation(pipeline64, clip8, "dycoke", max_new_tokens=NEW_TOKENS)
+def test_interleaved_conversations_never_see_each_others_turns(pipeline64, clip4, one_intra_op_thread):
+    other_clip = moving_square_clip(4, seed=7)
+    expected = {"a": solo(pipeline64, clip4, "dycoke"), "b": solo(pipeline64, other_clip, "dycoke")}
+    first = Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS)
     second = Conversation(pipeline64, other_clip, "dycoke", max_new_tokens=NEW_TOKENS)
     got = {"a": [], "b": []}
     for question in QUESTIONS:
@@ -143,18 +149,18 @@ def test_interleaved_conversations_never_see_each_others_turns(pipeline64, clip8
     assert got == expected
     assert expected["a"] != expected["b"]  # the check could fail: the clips lead to different answers
 
-    threaded = [Conversation(pipeline64, clip, "dycoke", max_new_tokens=NEW_TOKENS) for clip in (clip8, other_clip)]
+    threaded = [Conversation(pipeline64, clip, "dycoke", max_new_tokens=NEW_TOKENS) for clip in (clip4, other_clip)]
     results = run_in_threads([lambda c=c: [r.token_ids for r in converse(c)] for c in threaded])
     assert results == [expected["a"], expected["b"]]
     assert not generate_threads()
 
 
-def test_an_evicted_conversation_says_the_video_was_re_encoded_and_answers_the_same(pipeline64, clip8):
-    expected = solo(pipeline64, clip8, "dycoke")
+def test_an_evicted_conversation_says_the_video_was_re_encoded_and_answers_the_same(pipeline64, clip4):
+    expected = solo(pipeline64, clip4, "dycoke")
     memory = ConversationMemory(max_conversations=1)
     pipeline = Pipeline(pipeline64.loaded, memory=memory)
-    first = Conversation(pipeline, clip8, "dycoke", max_new_tokens=NEW_TOKENS)
-    second = Conversation(pipeline, clip8, "baseline", max_new_tokens=NEW_TOKENS)
+    first = Conversation(pipeline, clip4, "dycoke", max_new_tokens=NEW_TOKENS)
+    second = Conversation(pipeline, clip4, "baseline", max_new_tokens=NEW_TOKENS)
     first.answer(QUESTIONS[0])
     second.answer(QUESTIONS[0])  # the newer conversation pushes the older one's cache out
     assert memory.conversations == 1 and not memory.holds(first)
@@ -167,10 +173,10 @@ def test_an_evicted_conversation_says_the_video_was_re_encoded_and_answers_the_s
     assert first.turns[-1].result.metrics["prefix_reused"] is True
 
 
-def test_a_byte_budget_smaller_than_one_cache_keeps_nothing_and_still_answers(pipeline64, clip8):
-    expected = solo(pipeline64, clip8, "baseline")
+def test_a_byte_budget_smaller_than_one_cache_keeps_nothing_and_still_answers(pipeline64, clip4):
+    expected = solo(pipeline64, clip4, "baseline")
     memory = ConversationMemory(max_bytes=1024)
-    conversation = Conversation(Pipeline(pipeline64.loaded, memory=memory), clip8, "baseline",
+    conversation = Conversation(Pipeline(pipeline64.loaded, memory=memory), clip4, "baseline",
                                 max_new_tokens=NEW_TOKENS)
     results = []
     for question in QUESTIONS:
@@ -182,12 +188,12 @@ def test_a_byte_budget_smaller_than_one_cache_keeps_nothing_and_still_answers(pi
     assert memory.used_bytes <= 1024
 
 
-def test_a_turn_past_the_context_says_start_a_new_conversation_and_a_shorter_one_still_works(pipeline64, clip8):
-    probe = Conversation(pipeline64, clip8, "dycoke", max_new_tokens=NEW_TOKENS)
+def test_a_turn_past_the_context_says_start_a_new_conversation_and_a_shorter_one_still_works(pipeline64, clip4):
+    probe = Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS)
     first = probe.answer(QUESTIONS[0])
     room = first.metrics["prefill_tokens"] + len(first.token_ids) + len(probe.prompt_ids("Why?")) \
         - len(probe.prompt_ids(QUESTIONS[0])) + 40 + NEW_TOKENS
-    conversation = Conversation(pipeline64, clip8, "dycoke", max_new_tokens=NEW_TOKENS, context_limit=room)
+    conversation = Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS, context_limit=room)
     conversation.answer(QUESTIONS[0])
     with pytest.raises(RequestError, match="past the model's context of .*: start a new conversation$"):
         conversation.answer("Why? " + "x" * 80)
@@ -195,8 +201,8 @@ def test_a_turn_past_the_context_says_start_a_new_conversation_and_a_shorter_one
     assert conversation.answer("Why?").metrics["prefix_reused"] is True
 
 
-def test_the_turn_limit_says_start_a_new_conversation(pipeline64, clip8):
-    conversation = Conversation(pipeline64, clip8, "baseline", max_new_tokens=2, max_turns=2)
+def test_the_turn_limit_says_start_a_new_conversation(pipeline64, clip4):
+    conversation = Conversation(pipeline64, clip4, "baseline", max_new_tokens=2, max_turns=2)
     converse(conversation, QUESTIONS[:2])
     with pytest.raises(RequestError, match="^this conversation has reached its limit of 2 turns: start a new"):
         conversation.answer(QUESTIONS[2])
@@ -207,8 +213,8 @@ def generate_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "dycoke-generate" and t.is_alive()]
 
 
-def test_stop_ends_generation_within_one_step_keeps_the_partial_answer_and_no_thread(pipeline64, clip8):
-    conversation = Conversation(pipeline64, clip8, "dycoke", max_new_tokens=40, ignore_eos=True)
+def test_stop_ends_generation_within_one_step_keeps_the_partial_answer_and_no_thread(pipeline64, clip4):
+    conversation = Conversation(pipeline64, clip4, "dycoke", max_new_tokens=40, ignore_eos=True)
     forwards = []
 
     def stop_at_the_third_forward(module, args, output):
@@ -231,8 +237,8 @@ def test_stop_ends_generation_within_one_step_keeps_the_partial_answer_and_no_th
     assert follow_up.metrics["stopped"] is False and follow_up.metrics["new_tokens"] == 40
 
 
-def test_stop_from_another_thread_while_streaming(pipeline64, clip8):
-    conversation = Conversation(pipeline64, clip8, "baseline", max_new_tokens=200, ignore_eos=True)
+def test_stop_from_another_thread_while_streaming(pipeline64, clip4):
+    conversation = Conversation(pipeline64, clip4, "baseline", max_new_tokens=200, ignore_eos=True)
     events = conversation.ask(QUESTIONS[0])
     next(event for event in events if isinstance(event, TextDelta))
     stopper = threading.Thread(target=conversation.stop)
@@ -243,27 +249,27 @@ def test_stop_from_another_thread_while_streaming(pipeline64, clip8):
     assert not generate_threads()
 
 
-def test_regenerate_asks_the_last_question_again_on_the_reused_prefix(pipeline64, clip8):
-    conversation = Conversation(pipeline64, clip8, "dycoke", max_new_tokens=NEW_TOKENS)
+def test_regenerate_asks_the_last_question_again_on_the_reused_prefix(pipeline64, clip4):
+    conversation = Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS)
     first, second = converse(conversation, QUESTIONS[:2])
     again = [event for event in conversation.regenerate() if isinstance(event, Result)][0]
     assert again.token_ids == second.token_ids and again.metrics["prefix_reused"] is True
     assert [turn.question for turn in conversation.turns] == QUESTIONS[:2]
-    assert conversation.answer(QUESTIONS[2]).token_ids == solo(pipeline64, clip8, "dycoke")[2]
+    assert conversation.answer(QUESTIONS[2]).token_ids == solo(pipeline64, clip4, "dycoke")[2]
 
 
-def test_a_turn_abandoned_mid_stream_leaves_the_conversation_as_it_was(pipeline64, clip8):
-    conversation = Conversation(pipeline64, clip8, "dp", max_new_tokens=NEW_TOKENS)
+def test_a_turn_abandoned_mid_stream_leaves_the_conversation_as_it_was(pipeline64, clip4):
+    conversation = Conversation(pipeline64, clip4, "dp", max_new_tokens=NEW_TOKENS)
     conversation.answer(QUESTIONS[0])
     events = conversation.ask(QUESTIONS[1])
     next(events)
     events.close()
     assert len(conversation.turns) == 1 and not generate_threads()
-    assert [r.token_ids for r in converse(conversation, QUESTIONS[1:])] == solo(pipeline64, clip8, "dp")[1:]
+    assert [r.token_ids for r in converse(conversation, QUESTIONS[1:])] == solo(pipeline64, clip4, "dp")[1:]
 
 
-def test_a_second_ask_while_one_runs_is_refused(pipeline64, clip8):
-    conversation = Conversation(pipeline64, clip8, "baseline", max_new_tokens=NEW_TOKENS)
+def test_a_second_ask_while_one_runs_is_refused(pipeline64, clip4):
+    conversation = Conversation(pipeline64, clip4, "baseline", max_new_tokens=NEW_TOKENS)
     running = conversation.ask(QUESTIONS[0])
     next(running)
     with pytest.raises(RequestError, match="still answering"):

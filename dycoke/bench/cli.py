@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="results.json", help="JSON report (default: results.json)")
     parser.add_argument("--html", default=None, help="Plotly chart (default: the --out path with .html; '' for none)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--turns", type=int, default=None, metavar="N",
+                        help="instead: conversations of N turns, each follow-up's TTFT with and without reusing the "
+                             "video prefix and earlier turns (default methods: baseline,dycoke)")
     return parser
 
 
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--frames must be comma-separated integers in 1..256, got {args.frames!r}")
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2: the decode figures need a second token")
+    if args.turns is not None and args.turns < 2:
+        parser.error("--turns must be at least 2: a conversation needs a follow-up")
     name = args.model or args.preset or "mini"
     runs = PRESET_DEFAULTS.get(name, DEFAULT_RUNS)
     repeats = runs["repeats"] if args.repeats is None else args.repeats
@@ -87,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     pipeline = Pipeline(loaded)
+    if args.turns is not None:
+        from dycoke.bench.turns import TurnSettings, main_turns
+
+        chosen = methods if args.methods else parse_methods("baseline,dycoke")
+        return main_turns(pipeline, TurnSettings(frames, chosen, args.turns, args.new_tokens, repeats, warmup),
+                          args.out, log)
     settings = BenchSettings(frames=frames, methods=methods, new_tokens=args.new_tokens, repeats=repeats,
                              warmup=warmup, video=args.video, match=args.match)
     log(f"benchmarking {loaded.describe()}: frames {frames}, methods {[m.label for m in methods]}, "
