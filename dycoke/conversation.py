@@ -33,7 +33,8 @@ from dycoke.limits import RequestError
 from dycoke.methods import Method
 from dycoke.metrics import RequestTimes, cache_bytes, reset_peak_memory
 from dycoke.pipeline import (
-    ASSISTANT_TURN, SYSTEM_TURN, Event, Pipeline, Prepared, Result, VideoPrefix, encode_question, template_ids,
+    ASSISTANT_TURN, SYSTEM_TURN, Event, Pipeline, Prepared, Progress, Result, VisionFeatures, encode_question,
+    template_ids,
 )
 from dycoke.pruning import DyCokeCache
 from dycoke.video import VideoClip
@@ -121,14 +122,14 @@ class Conversation:
         """Token ids after the video prefix that a turn asking `question` next would have as its prompt."""
         return self._history_ids() + self._turn_ids(encode_question(self.pipeline.loaded.tokenizer, question))
 
-    def ask(self, question: str) -> Iterator[Event | Notice]:
+    def ask(self, question: str, progress: Progress | None = None) -> Iterator[Event | Notice]:
         """Answer `question` as the next turn: a Notice if the prefix had to be recomputed, then text deltas and
         one StepTrace per decoding step, then the Result (with `prefix_reused`, `prefill_tokens`, `stopped`)."""
         question_ids = encode_question(self.pipeline.loaded.tokenizer, question)
         with self._turn_slot() as slot:
-            yield from self._run_turn(slot, question, question_ids)
+            yield from self._run_turn(slot, question, question_ids, progress)
 
-    def regenerate(self) -> Iterator[Event | Notice]:
+    def regenerate(self, progress: Progress | None = None) -> Iterator[Event | Notice]:
         """Ask the last question again in place of its answer (greedy decoding gives the same answer unless the
         last one was stopped or cut short)."""
         with self._turn_slot() as slot:
@@ -138,7 +139,7 @@ class Conversation:
             if self._kept is not None:
                 _rewind(self._kept.cache, self._kept.prefix_length + len(self._history_ids()))
             question_ids = encode_question(self.pipeline.loaded.tokenizer, last.question)
-            yield from self._run_turn(slot, last.question, question_ids)
+            yield from self._run_turn(slot, last.question, question_ids, progress)
 
     def answer(self, question: str) -> Result:
         """Run a turn to the end and return its result."""
@@ -188,7 +189,8 @@ class Conversation:
         finally:
             slot.release()
 
-    def _run_turn(self, slot: "_Slot", question: str, question_ids: list[int]) -> Iterator[Event | Notice]:
+    def _run_turn(self, slot: "_Slot", question: str, question_ids: list[int],
+                  progress: Progress | None) -> Iterator[Event | Notice]:
         if len(self._turns) >= self.max_turns:
             raise RequestError(f"this conversation has reached its limit of {self.max_turns} turns: "
                                "start a new conversation")
@@ -196,22 +198,26 @@ class Conversation:
         turn_ids = self._turn_ids(question_ids)
         text_ids = self._history_ids() + turn_ids
         times = RequestTimes(decode_video_s=0.0 if self._turns else self.clip.decode_seconds)
-        reset_peak_memory(pipeline.loaded.device)
-        times.vision_start = pipeline.clock.now()
         kept = self._kept if self.reuse and self.method.resumes_cache else None
         if kept is None and self._evicted:
             self._evicted = False
             yield Notice(REENCODED)
         if kept is not None:
+            reset_peak_memory(pipeline.loaded.device)
+            times.vision_start = pipeline.clock.now()
             self._to_device(kept.cache, pipeline.loaded.device)
             times.vision_end = pipeline.clock.now()
             cached = kept.cache.get_seq_length()
             prepared = pipeline.guard_memory(lambda: self._resumed(kept, text_ids, times), self.clip.num_frames)
         else:
             cached = 0
+            if progress:
+                progress(0.3, "encoding frames")
             prepared, kept = pipeline.guard_memory(lambda: self._from_scratch(text_ids, times), self.clip.num_frames)
         self._check_context(kept.prefix_length + len(text_ids))
         self._cancel, self._stop_requested = threading.Event(), False
+        if progress:
+            progress(0.5, "generating")
         events = pipeline.generate(prepared, self.clip, self.method, self.settings, self.max_new_tokens,
                                    self.ignore_eos, self._cancel)
         result = None
@@ -250,22 +256,16 @@ class Conversation:
         return Prepared(embeds, kept.cache, kept.keep_mask, kept.ttm_kept_per_frame, times)
 
     def _from_scratch(self, text_ids: list[int], times: RequestTimes) -> tuple[Prepared, _Kept]:
-        pipeline = self.pipeline
-        features = self._features()
-        times.vision_end = pipeline.clock.now()
-        prefix: VideoPrefix = pipeline.video_prefix(features, self._system_ids, self.method, self.settings)
-        embeds = torch.cat([prefix.embeds, pipeline.embed_text(text_ids)], dim=1)
-        cache = self.method.make_cache(prefix.layout, self.settings)
-        times.compress_end = pipeline.clock.now()
-        kept = _Kept(cache, prefix.length, prefix.keep_mask, prefix.ttm_kept_per_frame)
-        return Prepared(embeds, cache, prefix.keep_mask, prefix.ttm_kept_per_frame, times), kept
+        vision = self._shared_features if self.reuse else None
+        prepared = self.pipeline.prepare(self.clip, (self._system_ids, text_ids), self.method, self.settings,
+                                         times, vision)
+        prefix_length = prepared.embeds.shape[1] - len(text_ids)
+        return prepared, _Kept(prepared.cache, prefix_length, prepared.keep_mask, prepared.ttm_kept_per_frame)
 
-    def _features(self):
-        pipeline, needs_states = self.pipeline, self.method.needs_vision_states
-        if not self.reuse:
-            return pipeline.vision_features(self.clip, needs_states)
-        return pipeline.memory.features(
-            self.clip, needs_states, lambda: pipeline.vision_features(self.clip, needs_states),
+    def _shared_features(self, clip: VideoClip, needs_states: bool) -> VisionFeatures:
+        """The clip's features from the pipeline's memory, shared with every conversation on the same clip."""
+        return self.pipeline.memory.features(
+            clip, needs_states, lambda: self.pipeline.vision_features(clip, needs_states),
             nbytes=lambda features: features.nbytes(),
             satisfies=lambda has_states: has_states or not needs_states,  # features with states serve all
         )

@@ -185,15 +185,17 @@ class Pipeline:
                             "and ask again")
 
     def prepare(self, clip: VideoClip, prompt: tuple[list[int], list[int]], method: Method,
-                settings: DyCokeConfig, times: RequestTimes | None = None) -> Prepared:
+                settings: DyCokeConfig, times: RequestTimes | None = None,
+                vision: Callable[[VideoClip, bool], VisionFeatures] | None = None) -> Prepared:
         """Vision features, compression and the prompt embeddings: everything up to the first generate call.
 
-        `method` must be resolved (Method.resolve) for this clip; `stream` does that.
+        `method` must be resolved (Method.resolve) for this clip; `stream` does that. `vision` gives the
+        features (default: `vision_features`; a conversation passes its per-clip cache).
         """
         times = times or RequestTimes()
         reset_peak_memory(self.loaded.device)
         times.vision_start = self.clock.now()
-        features = self.vision_features(clip, method.needs_vision_states)
+        features = (vision or self.vision_features)(clip, method.needs_vision_states)
         times.vision_end = self.clock.now()
         prefix = self.video_prefix(features, prompt[0], method, settings)
         embeds = torch.cat([prefix.embeds, self.embed_text(prompt[1])], dim=1)

@@ -254,7 +254,7 @@ class DyCokeCache(DynamicCache):
         the new prompt then attends to everything, as a first prefill does, and decoding after it selects afresh.
         """
         if tokens_to_remove > 0:
-            raise ValueError(f"crop takes the number of tokens to remove, as a negative integer, got {tokens_to_remove}")
+            raise ValueError(f"crop takes the number of tokens to remove as a negative integer, got {tokens_to_remove}")
         length = self.get_seq_length() - abs(tokens_to_remove)
         for layer in self.layers:  # the pruned layers hold only their prefill, possibly shorter than layer 0
             if layer.is_initialized and layer.keys.shape[-2] > length:

@@ -191,8 +191,8 @@ def test_a_byte_budget_smaller_than_one_cache_keeps_nothing_and_still_answers(pi
 def test_a_turn_past_the_context_says_start_a_new_conversation_and_a_shorter_one_still_works(pipeline64, clip4):
     probe = Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS)
     first = probe.answer(QUESTIONS[0])
-    room = first.metrics["prefill_tokens"] + len(first.token_ids) + len(probe.prompt_ids("Why?")) \
-        - len(probe.prompt_ids(QUESTIONS[0])) + 40 + NEW_TOKENS
+    video_prefix = first.metrics["prefill_tokens"] - len(probe.turns[0].prompt_ids)
+    room = video_prefix + len(probe.prompt_ids("Why?")) + NEW_TOKENS + 40  # "Why?" fits, 80 more characters not
     conversation = Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS, context_limit=room)
     conversation.answer(QUESTIONS[0])
     with pytest.raises(RequestError, match="past the model's context of .*: start a new conversation$"):
