@@ -20,6 +20,10 @@ class VideoLimits:
     min_side: int = 16
     max_side: int = 8192
     max_aspect_ratio: float = 16.0
+    max_source_frames: int = 2_000_000  # frames in the file, counted by the probe
+    # width x height x the frames the decoder must decode (the sampled ones and those from each one's keyframe):
+    # 10 billion is about a minute of one-thread CPU decoding; a file whose plan is costlier is refused at once.
+    max_decode_pixels: int = 10_000_000_000
     decode_timeout_s: float = 120.0
 
 

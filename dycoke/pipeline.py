@@ -22,7 +22,8 @@ from dycoke.memory import ConversationMemory
 from dycoke.methods import Method, VisualInput, VisualLayout, get_method, install_hooks
 from dycoke.metrics import Clock, RequestTimes, cache_bytes, peak_memory_bytes, reset_peak_memory
 from dycoke.models import LoadedModel
-from dycoke.video import VideoClip, load_video_isolated, to_pixel_values
+from dycoke.decoder import VideoDecoder
+from dycoke.video import VideoClip, to_pixel_values
 from dycoke.visionzip import feature_layer_index
 
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -113,11 +114,14 @@ class Pipeline:
         self.video_limits = video_limits
         self.memory = memory or ConversationMemory()  # what this process's conversations may keep between turns
         self.clock = Clock(loaded.device)
+        self.decoder = VideoDecoder()  # its workers start on the first video (or on decoder.start())
         install_hooks(loaded.model)
 
     def load_video(self, path: str | Path, num_frames: int = 32) -> VideoClip:
-        """Probe, check the limits, then decode in a child process that cannot hang or crash the caller."""
-        return load_video_isolated(path, check_frames(num_frames, self.max_frames), self.video_limits)
+        """Probe, check the limits, then decode straight to the model's frame size in a worker process that
+        cannot hang or crash the caller."""
+        return self.decoder.load(path, check_frames(num_frames, self.max_frames), self.loaded.image_size,
+                                 self.video_limits)
 
     def answer(self, video: str | Path | VideoClip, question: str, **options) -> Result:
         """Run a request to the end and return its result."""
@@ -231,8 +235,8 @@ class Pipeline:
         """Frame tokens [T, N, D], the newline token and, if asked, the hidden state entering the feature layer."""
         model = self.loaded.model
         vision = model.model.vision_tower
-        pixels = to_pixel_values(clip.frames, self.loaded.image_size)
-        pixels = pixels.to(device=next(vision.parameters()).device, dtype=self.loaded.dtype)
+        pixels = to_pixel_values(clip.frames, self.loaded.image_size, device=next(vision.parameters()).device,
+                                 dtype=self.loaded.dtype)
         capture = {}
         if with_feature_layer_input:  # hidden states are counted from the embeddings: index i enters layer i
             index = feature_layer_index(model)
