@@ -14,7 +14,8 @@ import sys
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.limits import MAX_FRAMES, RequestError, check_frames, check_new_tokens, clean_question
 from dycoke.methods import configure, get_method, matchable_names, method_names
-from dycoke.video import VideoError, load_video_isolated
+from dycoke.decoder import load_video_isolated
+from dycoke.video import VideoError
 
 DTYPES = ("float32", "float64", "bfloat16")
 TINY_NOTICE = "note: the 'tiny-random' model has random weights; its answers are meaningless (token counts and timings are real)"

@@ -6,6 +6,9 @@ import numbers
 from dataclasses import asdict, dataclass, replace
 
 
+MAX_WINDOW = 256  # no window needs to be longer than the longest clip (limits.MAX_FRAMES)
+
+
 class ConfigError(ValueError):
     """A setting is out of its allowed range; the message names the field and the range."""
 
@@ -35,8 +38,9 @@ class DyCokeConfig:
     def __post_init__(self) -> None:
         _check_ratio("merge_ratio (K)", self.merge_ratio)
         _check_ratio("prune_ratio (P)", self.prune_ratio)
-        if not _is_power_of_two(self.window):
-            raise ConfigError(f"window (W) must be a power of two (1, 2, 4, 8, ...), got {self.window!r}")
+        if not _is_power_of_two(self.window) or self.window > MAX_WINDOW:
+            raise ConfigError(f"window (W) must be a power of two from 1 to {MAX_WINDOW} (1, 2, 4, 8, ...), "
+                              f"got {self.window!r}")
         if not _is_integer(self.prune_layer) or self.prune_layer < 1:
             raise ConfigError(f"prune_layer (L) must be an integer in 1..num_layers-1, got {self.prune_layer!r}")
         tau = self.reselect_threshold

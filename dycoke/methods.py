@@ -362,8 +362,8 @@ class RandomMethod(_PrunedBeforeLLM):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not _is_integer(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if not _is_integer(self.seed) or not 0 <= self.seed < 2**64:  # torch's generator takes 64 bits
+            raise ConfigError(f"seed must be a whole number in 0..2**64-1, got {self.seed!r}")
 
     def keep_mask(self, frame_features: torch.Tensor, config: DyCokeConfig) -> torch.Tensor:
         num_frames, tokens_per_frame = frame_features.shape[:2]
