@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+from gradio_client.utils import is_http_url_like
 
 from dycoke import viz
 from dycoke.config import ConfigError, DyCokeConfig
@@ -53,7 +54,10 @@ MAX_NEW_TOKENS_UI = 512
 TEXT_INTERVAL_S = 0.1  # streamed text: at most ~10 updates a second
 HEATMAP_INTERVAL_S = 0.25  # at most ~4 heatmap updates a second while streaming, plus one at the end
 HEATMAP_HEIGHT = 380
-GPU_QUEUE = "gpu"  # every event that runs the model shares this concurrency id, with a limit of 1
+GPU_QUEUE = "gpu"  # every event that runs the model shares this concurrency id
+# Requests handled at once: each validates and decodes on its own (in a decoder worker), then waits for the one
+# model slot (DyCokeApp.model_slot), so a slow decode never holds up another user's model run.
+REQUEST_SLOTS = 2
 QUEUE_MAX_SIZE = 16
 MAX_FILE_SIZE = "200mb"
 # Gradio's own upload cache: every hour, remove uploads older than two hours (a conversation rarely lasts longer;
@@ -215,9 +219,23 @@ def heatmap_figure(trace: dict, title: str, live: bool = False):
     return fig
 
 
-def friendly_video_error(error: VideoError, path: str) -> str:
-    """The library's one-line message, with gradio's temporary upload path shortened to the file name."""
-    return str(error).replace(str(path), f"'{Path(path).name}'")
+def friendly_video_error(error: VideoError) -> str:
+    """The library's one-line message about "the uploaded video": gradio logs every gr.Error's message, and the
+    logs never hold a file name."""
+    return user_message(error.message_for("the uploaded video"))
+
+
+class UploadedVideo(gr.Video):
+    """gr.Video that takes only files sent to this server. Gradio would download a `FileData` whose path is an
+    http(s) URL (an API-only input) before any handler runs; this refuses it before anything is fetched."""
+
+    is_template = True  # drawn by the frontend's own video component, as gradio's gr.PlayableVideo is
+
+    async def async_move_resource_to_block_cache(self, url_or_file_path):
+        if is_http_url_like(url_or_file_path):
+            raise gr.Error("The video must be uploaded as a file (in the page, or with gradio_client's "
+                           "handle_file): URLs are not fetched.")
+        return await super().async_move_resource_to_block_cache(url_or_file_path)
 
 
 def short_hash(*parts: object) -> str:
@@ -263,7 +281,9 @@ class DyCokeApp:
         self.pipeline = pipeline
         self.banner = banner
         self.clips = ClipCache()
+        self.model_slot = threading.Lock()  # one model run at a time; decoding happens before, outside it
         self._run_on_gpu = gpu(self._model_runs)
+        pipeline.decoder.start()  # a warm decoder worker, so that the first upload waits for no interpreter
         # Where a video handed to `ask` may live: gradio's upload folder (uploads, cached examples) and the examples.
         self.upload_roots: tuple[Path, ...] = (Path(gr.utils.get_upload_folder()).resolve(), EXAMPLES_DIR.resolve())
 
@@ -330,12 +350,12 @@ class DyCokeApp:
         try:
             clip = self.pipeline.load_video(video, num_frames)
         except VideoError as error:
-            raise gr.Error(friendly_video_error(error, video)) from None
+            raise gr.Error(friendly_video_error(error)) from None
         except RequestError as error:
             raise gr.Error(f"{error}. Pick fewer frames under Settings.") from None
-        except Exception as error:  # the decoder's child process could not even start: say so, keep serving
+        except Exception as error:  # the decoder's worker could not even start: say so, keep serving
             log_failure(ref, "decoding", error)
-            raise gr.Error(f"Could not decode '{Path(video).name}' ({type(error).__name__}). Try again, or "
+            raise gr.Error(f"Could not decode the uploaded video ({type(error).__name__}). Try again, or "
                            "re-encode it as H.264 MP4.") from None
         self.clips.put(key, clip)
         return clip, False
@@ -381,10 +401,11 @@ class DyCokeApp:
             method_chat=histories["method"] + [{"role": "user", "content": question}],
             comparison_stats="", method_stats="",
         )
-        # Validation and decoding above run on the CPU; only the model runs below hold the GPU (on ZeroGPU, in
-        # its worker process, which is why the clip cache is filled out here, where it persists).
-        yield from self._run_on_gpu(clip, question, method, compare, config, num_frames, max_new_tokens,
-                                    bool(ignore_eos), video, histories, progress, ref)
+        # Validation and decoding above run on the CPU, outside the model slot; only the model runs below hold it
+        # and the GPU (on ZeroGPU, in its worker process, which is why the clip cache is filled out here).
+        with self.model_slot:
+            yield from self._run_on_gpu(clip, question, method, compare, config, num_frames, max_new_tokens,
+                                        bool(ignore_eos), video, histories, progress, ref)
 
     def _model_runs(self, clip: VideoClip, question: str, method: str, compare: str, config: DyCokeConfig,
                     num_frames: int, max_new_tokens: int, ignore_eos: bool, video: str, histories: dict,
@@ -549,7 +570,7 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
         state = gr.State(empty_state())
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=320):
-                video = gr.Video(label="Video", sources=["upload"], height=240, elem_id="video")
+                video = UploadedVideo(label="Video", sources=["upload"], height=240, elem_id="video")
                 question = gr.Textbox(label="Question", placeholder="Ask about the video and press Enter",
                                       lines=1, max_lines=4, max_length=4096, elem_id="question")
                 with gr.Row():
@@ -618,7 +639,7 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
                   num_frames, max_new_tokens, ignore_eos, state]
         # Progress (decoding, encoding) shows in its own slot, not as an overlay on every output.
         run = {"fn": handlers.ask, "inputs": inputs, "outputs": outputs, "concurrency_id": GPU_QUEUE,
-               "concurrency_limit": 1, "show_progress": "full", "show_progress_on": [progress_slot]}
+               "concurrency_limit": REQUEST_SLOTS, "show_progress": "full", "show_progress_on": [progress_slot]}
         question.submit(api_name="ask", **run)
         send.click(api_visibility="undocumented", **run)
         clear.click(handlers.clear, outputs=outputs, api_name="clear", queue=False)
@@ -640,8 +661,11 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
 
 def launch_app(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **options):
     """Serve `demo` with the app's CSS and upload limit; extra options go to `Blocks.launch`."""
+    # show_error: a refusal raised by gradio itself (a non-number slider value, a FileData path it was not sent)
+    # reaches the API client with its message instead of a bare "Error"; the handlers' own faults are gr.Errors
+    # that name no data.
     return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, css=CSS,
-                       footer_links=["api", "gradio"], **options)
+                       footer_links=["api", "gradio"], show_error=True, **options)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
