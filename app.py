@@ -16,9 +16,12 @@ except ImportError:
 
 import argparse
 import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import os
+import tempfile
 import threading
 import time
 import traceback
@@ -32,28 +35,30 @@ from gradio_client.utils import is_http_url_like
 
 from dycoke import viz
 from dycoke.config import ConfigError, DyCokeConfig
+from dycoke.conversation import Conversation, Notice
+from dycoke.knobs import Knob
 from dycoke.limits import RequestError, check_new_tokens, clean_question
-from dycoke.methods import get_method, method_names
+from dycoke.methods import Method, all_knobs, configure_from_knobs, get_method, knobs_shown, method_names
 from dycoke.models import DEFAULT_HUB_ID, OFFLINE_DEFAULT, LoadedModel, ModelLoadError, load
 from dycoke.pipeline import Pipeline, Result, StepTrace, TextDelta
-from dycoke.video import VideoClip, VideoError
+from dycoke.video import VideoClip, VideoError, check_limits, probe
 
 log = logging.getLogger("dycoke.app")
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
-EXAMPLE_QUESTIONS = {
-    "moving_shapes.mp4": "Which shapes move, and in which direction?",
-    "scene_cut.mp4": "What changes halfway through the video?",
-    "static_scene.mp4": "What is moving in the room?",
-}
+# (video, question) pairs shown under the question box, in order.
+EXAMPLES = [
+    (EXAMPLES_DIR / "moving_shapes.mp4", "Which shapes move, and in which direction?"),
+    (EXAMPLES_DIR / "scene_cut.mp4", "What changes halfway through the video?"),
+    (EXAMPLES_DIR / "static_scene.mp4", "What is moving in the room?"),
+]
 
 FRAME_CHOICES = [8, 16, 32, 64]
 WINDOW_CHOICES = [1, 2, 4, 8]
 MAX_NEW_TOKENS_UI = 512
 TEXT_INTERVAL_S = 0.1  # streamed text: at most ~10 updates a second
 HEATMAP_INTERVAL_S = 0.25  # at most ~4 heatmap updates a second while streaming, plus one at the end
-HEATMAP_HEIGHT = 380
 GPU_QUEUE = "gpu"  # every event that runs the model shares this concurrency id
 # Requests handled at once: each validates and decodes on its own (in a decoder worker), then waits for the one
 # model slot (DyCokeApp.model_slot), so a slow decode never holds up another user's model run.
@@ -67,18 +72,51 @@ ZERO_GPU_DURATION_S = 120
 CLIP_CACHE_ITEMS = 6
 CLIP_CACHE_BYTES = 1_500_000_000
 NO_COMPARISON = "none"
+MATCH_REFERENCE = "dycoke"  # peers with "match the budget" on keep exactly as many visual tokens as it attends
+NARROW_PAGE_PX = viz.NARROW_PAGE_PX
+STOPPED = " ⏹ (stopped)"
+STOPPED_OUT = "stopped"  # a conversation's prefix after Stop skipped one of its panes' runs
+WAITING = "⏳ Waiting for the comparison run to finish: the two runs go one after the other, each timed alone."
 
 CSS = """
 #model-banner { padding: 8px 14px; border-radius: 8px; border: 1px solid var(--border-color-primary); }
-#model-banner.random-weights { background: #fff4e5; border-color: #f0a040; color: #5a3500; }
+#model-banner.random-weights { background: #fff4e5; border-color: #f0a040; }
+#model-banner.random-weights, #model-banner.random-weights * { color: #5a3500; }
 #model-banner.random-weights strong { color: #8a3b00; }
+.dark #model-banner.random-weights { background: #3b2a12; border-color: #b07020; }
+.dark #model-banner.random-weights, .dark #model-banner.random-weights * { color: #ffe0b8; }
 #model-banner p { margin: 2px 0; }
-.pane-header { min-height: 3.6em; }
+.pane-header { min-height: 5.2em; }
 .pane-header p { margin: 2px 0; }
-.pane-stats { min-height: 2.6em; font-size: 0.9em; }
-#status-line { font-size: 0.9em; color: var(--body-text-color-subdued); }
+.pane-stats { min-height: 3.2em; font-size: 0.9em; }
+#status-line { min-height: 1.6em; font-size: 0.9em; color: var(--body-text-color-subdued); }
+#status-line p { margin: 0; }
+#error-box:not(:empty) .prose:not(:empty), #upload-note.bad .prose { border-left: 4px solid #d9534f;
+  padding: 6px 10px; background: rgba(217, 83, 79, 0.10); border-radius: 4px; }
+#error-box p, #upload-note p { margin: 0; }
 #progress-slot { min-height: 2.8em; }
+#headline p { margin: 4px 0; }
+.js-plotly-plot .modebar-container { display: none !important; }
+@media (max-width: 899px) { #answers { min-width: 100% !important; } }
 """
+
+
+def scroll_to_answers_js(num_inputs: int) -> str:
+    """Run before Send's request: on a narrow page (the columns stacked) bring the answers into view. It returns
+    the event's input values unchanged (gradio hands it the inputs, then the outputs), for the Python handler."""
+    return f"""(...args) => {{
+  if (window.innerWidth < {NARROW_PAGE_PX}) {{
+    document.querySelector('#answers')?.scrollIntoView({{block: 'start'}});
+  }}
+  return args.slice(0, {num_inputs});
+}}"""
+# On load: the page's width and whether it is dark, so that the figures fit and follow the theme.
+PAGE_INFO_JS = """() => {
+  const theme = new URLSearchParams(window.location.search).get('__theme');
+  const dark = theme ? theme === 'dark' : (document.querySelector('.dark') !== null
+               || window.matchMedia('(prefers-color-scheme: dark)').matches);
+  return [window.innerWidth, dark];
+}"""
 
 
 # --- model ---------------------------------------------------------------------------------------------
@@ -167,56 +205,76 @@ class ClipCache:
         return len(self._clips)
 
 
-# --- formatting ----------------------------------------------------------------------------------------
+# --- conversations -------------------------------------------------------------------------------------
 
 
-def settings_text(method: str, config: DyCokeConfig, num_frames: int, max_new_tokens: int) -> str:
-    """The knobs `method` really uses: DyCoke's where its stages are on, and the method's own options."""
-    chosen = get_method(method)
-    effective = chosen.effective_config(config)
-    parts = []
-    if effective.merge_ratio > 0:
-        parts.append(f"K {effective.merge_ratio:.2f} · W {effective.window}")
-    if effective.prune_ratio > 0:
-        parts.append(f"L {effective.prune_layer} · P {effective.prune_ratio:.2f} · "
-                     f"τ {effective.reselect_threshold:.2f}")
-    options = chosen.options() if hasattr(chosen, "options") else {}
-    parts += [f"{name} {value}" for name, value in options.items() if value is not None]
-    if not parts:
-        parts.append("no compression")
-    return " · ".join(parts + [f"{num_frames} frames", f"≤{max_new_tokens} new tokens"])
+class PageConversations:
+    """Each page's two conversations (one per pane), by browser session, the least recently used page dropped
+    past `max_pages`. The conversations' caches are bounded by the pipeline's memory; this bounds the objects."""
+
+    def __init__(self, max_pages: int = 64) -> None:
+        self.max_pages = max_pages
+        self._pages: OrderedDict[str, dict[str, Conversation]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, page: str) -> dict[str, Conversation] | None:
+        with self._lock:
+            conversations = self._pages.get(page)
+            if conversations is not None:
+                self._pages.move_to_end(page)
+            return conversations
+
+    def start(self, page: str, conversations: dict[str, Conversation]) -> None:
+        with self._lock:
+            self._pages[page] = conversations
+            self._pages.move_to_end(page)
+            while len(self._pages) > self.max_pages:
+                self._pages.popitem(last=False)
+
+    def forget(self, page: str) -> None:
+        with self._lock:
+            self._pages.pop(page, None)
+
+    def stop(self, page: str) -> None:
+        for conversation in (self.get(page) or {}).values():
+            conversation.stop()
 
 
-def pane_header(role: str, method: str, config: DyCokeConfig, num_frames: int, max_new_tokens: int) -> str:
-    if method == NO_COMPARISON:
+def page_key(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "-"
+
+
+# --- settings ------------------------------------------------------------------------------------------
+
+
+def api_name(knob: Knob) -> str:
+    """The API parameter of a knob's control: its CLI option, in snake case (`--threshold` → `threshold`)."""
+    return knob.cli_flag.removeprefix("--").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What one Send runs: the DyCoke settings, each pane's configured method, and the generation limits."""
+
+    config: DyCokeConfig
+    methods: dict[str, Method]  # "comparison" (absent when there is none), then "method"
+    num_frames: int
+    max_new_tokens: int
+
+    def prefix(self, video: str) -> tuple:
+        """What the video prefix of each pane depends on: a change starts a new conversation. The answer's length
+        does not change it; every other setting changes what enters or is attended in the language model."""
+        return (video, self.num_frames) + tuple(
+            (role, method.name, tuple(sorted(method.options().items())), method.effective_config(self.config))
+            for role, method in self.methods.items())
+
+
+def pane_header(role: str, method: Method | None, config: DyCokeConfig, num_frames: int, max_new_tokens: int,
+                tokens_per_frame: int) -> str:
+    if method is None:
         return f"**{role}: none**\n\nPick a method under *Settings → Compare with* to run one."
-    summary = get_method(method).summary
-    return f"**{role}: `{method}`** — {summary}\n\n`{settings_text(method, config, num_frames, max_new_tokens)}`"
-
-
-def _mb(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 1e6:.1f} MB"
-
-
-def stats_markdown(result: Result) -> str:
-    m = result.metrics
-    tokens_per_s = m.get("decode_tokens_per_s")
-    memory = (f"peak memory {_mb(m['peak_memory_bytes'])}" if m.get("peak_memory_bytes") is not None
-              else f"KV cache {_mb(m.get('kv_cache_bytes'))} (peak memory not measurable on CPU)")
-    return (
-        f"TTFT **{m['ttft_ms']:.0f} ms** · decode **{'n/a' if tokens_per_s is None else f'{tokens_per_s:.1f}'} "
-        f"tok/s** · total {m['total_ms']:.0f} ms · {m['new_tokens']} new tokens  \n"
-        f"visual tokens {m['visual_tokens_in']:,} → {m['visual_tokens_after_ttm']:,} after TTM → "
-        f"**{m['visual_tokens_attended_mean']:,.0f}** attended per step · {memory} · "
-        f"{m['reselections']} reselections"
-    )
-
-
-def heatmap_figure(trace: dict, title: str, live: bool = False):
-    """The per-step heatmap; while generating, the unvalidated (fast) build of the same figure."""
-    fig = viz.live_step_heatmap(trace, title) if live else viz.step_heatmap(trace, title)
-    fig.update_layout(height=HEATMAP_HEIGHT, title={"font": {"size": 13}})
-    return fig
+    line = viz.settings_line(method, config, num_frames, max_new_tokens, tokens_per_frame)
+    return f"**{role}: `{method.name}`** — {method.summary}\n\n`{line}`"
 
 
 def friendly_video_error(error: VideoError) -> str:
@@ -225,11 +283,11 @@ def friendly_video_error(error: VideoError) -> str:
     return user_message(error.message_for("the uploaded video"))
 
 
-class UploadedVideo(gr.Video):
-    """gr.Video that takes only files sent to this server. Gradio would download a `FileData` whose path is an
+class UploadedFile(gr.File):
+    """gr.File that takes only files sent to this server. Gradio would download a `FileData` whose path is an
     http(s) URL (an API-only input) before any handler runs; this refuses it before anything is fetched."""
 
-    is_template = True  # drawn by the frontend's own video component, as gradio's gr.PlayableVideo is
+    is_template = True  # drawn by the frontend's own file component
 
     async def async_move_resource_to_block_cache(self, url_or_file_path):
         if is_http_url_like(url_or_file_path):
@@ -258,20 +316,36 @@ def user_message(error: Exception) -> str:
     return f"{text[:1].upper()}{text[1:]}."
 
 
+def error_markdown(message: str) -> str:
+    return f"⚠️ **{message}**"
+
+
 def empty_state() -> dict:
-    return {"video": None, "comparison": [], "method": []}
+    """A conversation: its video, what its prefix depends on, both panes' turns, and the last question."""
+    return {"video": None, "prefix": None, "comparison": [], "method": [], "question": None}
 
 
 # --- the app -------------------------------------------------------------------------------------------
 
 OUTPUTS = ("question", "comparison_header", "comparison_chat", "comparison_stats", "comparison_heatmap",
-           "method_header", "method_chat", "method_stats", "method_heatmap", "gauges", "ttm_view", "status",
-           "state")
+           "method_header", "method_chat", "method_stats", "method_heatmap", "headline", "gauges", "ttm_view",
+           "download", "status", "error", "state")
 
 
 def gpu(fn: Callable) -> Callable:
     """spaces.GPU on ZeroGPU, a no-op elsewhere."""
     return spaces.GPU(duration=ZERO_GPU_DURATION_S)(fn) if spaces is not None else fn
+
+
+def placeholders(comparison: str = "The comparison's per-step heatmap appears here.",
+                 method: str = "The per-step heatmap appears here.") -> dict:
+    """What the figures show before a run has produced them."""
+    return {
+        "comparison_heatmap": viz.placeholder_figure(comparison),
+        "method_heatmap": viz.placeholder_figure(method),
+        "gauges": viz.placeholder_figure("Gauges appear once an answer is complete.", height=120),
+        "ttm_view": viz.placeholder_figure("Frame thumbnails with the patches TTM dropped appear here.", height=120),
+    }
 
 
 class DyCokeApp:
@@ -284,6 +358,10 @@ class DyCokeApp:
         self.model_slot = threading.Lock()  # one model run at a time; decoding happens before, outside it
         self._run_on_gpu = gpu(self._model_runs)
         pipeline.decoder.start()  # a warm decoder worker, so that the first upload waits for no interpreter
+        self._stops: dict[str, threading.Event] = {}  # per browser session: Stop sets it, the running Send reads it
+        self._stops_lock = threading.Lock()
+        self.conversations = PageConversations()
+        self.downloads = Path(tempfile.mkdtemp(prefix="dycoke-runs-"))
         # Where a video handed to `ask` may live: gradio's upload folder (uploads, cached examples) and the examples.
         self.upload_roots: tuple[Path, ...] = (Path(gr.utils.get_upload_folder()).resolve(), EXAMPLES_DIR.resolve())
 
@@ -305,38 +383,78 @@ class DyCokeApp:
     def _outputs(**updates) -> tuple:
         return tuple(updates[name] if name in updates else gr.skip() for name in OUTPUTS)
 
-    def clear(self) -> tuple:
-        return self._outputs(
-            comparison_chat=[], method_chat=[], comparison_stats="", method_stats="",
-            comparison_heatmap=viz.placeholder_figure("The comparison's per-step heatmap appears here."),
-            method_heatmap=viz.placeholder_figure("The per-step heatmap appears here."),
-            gauges=viz.placeholder_figure("Gauges appear once an answer is complete.", height=200),
-            ttm_view=viz.placeholder_figure("Frame thumbnails with the patches TTM dropped appear here.",
-                                            height=200),
-            status="", state=empty_state(),
-        )
+    def _stop_event(self, request: gr.Request | None) -> threading.Event:
+        with self._stops_lock:
+            return self._stops.setdefault(page_key(request), threading.Event())
 
-    def _settings(self, method, compare, merge_ratio, window, prune_layer, prune_ratio, threshold, num_frames,
-                  max_new_tokens) -> tuple[DyCokeConfig, int, int]:
+    def stop(self, request: gr.Request = None) -> None:
+        """Stop this page's running generation: it ends after the current step, keeping its partial answer, and
+        a run not yet started is skipped."""
+        self._stop_event(request).set()
+        self.conversations.stop(page_key(request))
+
+    def _cleared(self, status: str = "") -> dict:
+        return placeholders() | {
+            "comparison_chat": [], "method_chat": [], "comparison_stats": "", "method_stats": "", "headline": "",
+            "download": gr.update(value=None, visible=False), "status": status, "error": "", "state": empty_state(),
+        }
+
+    def clear(self, request: gr.Request = None) -> tuple:
+        self.conversations.forget(page_key(request))
+        return self._outputs(**self._cleared("New conversation: the panes were cleared."))
+
+    def new_video(self, video: str | None, request: gr.Request = None) -> tuple:
+        """A video arrived (or was removed): a new conversation, and the file checked now, before any Send."""
+        self.conversations.forget(page_key(request))
+        if not video:
+            return self._outputs(**self._cleared())
+        try:
+            info = self.check_video(video)
+        except gr.Error as error:
+            return self._outputs(**self._cleared(), error=error_markdown(error.message))
+        return self._outputs(**self._cleared(f"New conversation about `{Path(video).name}` ({info})."))
+
+    def check_video(self, video: str) -> str:
+        """Probe `video` without decoding it: gr.Error with the app's wording if it is no usable video, else a
+        short description of it."""
+        if not self.is_upload(video):
+            raise gr.Error("Upload the video as a file (in the page, or with gradio_client's handle_file): "
+                           "paths on the server are not accepted.")
+        try:
+            info = probe(video)
+            check_limits(video, info, self.pipeline.video_limits)
+        except VideoError as error:
+            raise gr.Error(friendly_video_error(error)) from None
+        except OSError:
+            raise gr.Error("The uploaded video is gone from the server: upload it again.") from None
+        if info is None:
+            return "checked when asked"
+        length = "" if info.duration_s is None else f", {info.duration_s:.1f} s"
+        return f"{info.width}×{info.height}{length}"
+
+    def _settings(self, method, compare, num_frames, max_new_tokens, match_budget=True, **knobs) -> RunSettings:
         names = method_names()
         if method not in names:
             raise gr.Error(f"Unknown method '{method}': pick one of {', '.join(names)}.")
         if compare != NO_COMPARISON and compare not in names:
             raise gr.Error(f"Unknown comparison '{compare}': pick '{NO_COMPARISON}' or one of {', '.join(names)}.")
+        values = {knob.name: knobs[api_name(knob)] for knob in all_knobs() if api_name(knob) in knobs}
+        match = MATCH_REFERENCE if match_budget else None
         try:
-            # Sliders hand over floats (and the API may send strings): plain int / float before the config.
-            config = DyCokeConfig(
-                merge_ratio=float(merge_ratio), window=int(window), prune_layer=int(round(float(prune_layer))),
-                prune_ratio=float(prune_ratio), reselect_threshold=float(threshold),
-            )
-            config.check_layers(self.loaded.num_layers)
-            num_frames = int(num_frames)
-            if num_frames not in FRAME_CHOICES:
-                raise RequestError(f"frames must be one of {FRAME_CHOICES}, got {num_frames}")
-            max_new_tokens = check_new_tokens(int(round(float(max_new_tokens))))
+            config, chosen = configure_from_knobs(method, values, match)
+            methods = {"method": chosen}
+            if compare != NO_COMPARISON:
+                methods = {"comparison": configure_from_knobs(compare, values, match)[1]} | methods
+            for run_method in methods.values():
+                run_method.effective_config(config).check_layers(self.loaded.num_layers)
+                run_method.check_model(self.loaded.num_layers)
+            frames = int(num_frames)
+            if frames not in FRAME_CHOICES:
+                raise RequestError(f"frames must be one of {FRAME_CHOICES}, got {frames}")
+            tokens = check_new_tokens(int(round(float(max_new_tokens))))
         except (ConfigError, RequestError, TypeError, ValueError) as error:
             raise gr.Error(f"Bad setting: {error}. Fix it under Settings and ask again.") from None
-        return config, num_frames, max_new_tokens
+        return RunSettings(config, methods, frames, tokens)
 
     def _clip(self, video: str, num_frames: int, progress: gr.Progress, ref: str = "-") -> tuple[VideoClip, bool]:
         try:
@@ -360,9 +478,37 @@ class DyCokeApp:
         self.clips.put(key, clip)
         return clip, False
 
-    def ask(self, video, question, method, compare, merge_ratio, window, prune_layer, prune_ratio, threshold,
-            num_frames, max_new_tokens, ignore_eos, state, progress=gr.Progress()) -> Iterator[tuple]:
-        """Answer `question` with the comparison, then with the method, streaming both panes; sequential runs."""
+    def ask(self, video, question, method, compare, num_frames, max_new_tokens, ignore_eos, state,
+            match_budget=True, page_width=0, dark=False, request: gr.Request = None, progress=gr.Progress(),
+            **knobs) -> Iterator[tuple]:
+        """Answer `question` with the comparison, then with the method, streaming both panes; sequential runs.
+
+        A refused request also shows its message on the page, where it stays until the next Send.
+        """
+        try:
+            yield from self._ask(video, question, method, compare, num_frames, max_new_tokens, ignore_eos, state,
+                                 bool(match_budget), int(page_width or 0), bool(dark), request, progress, knobs)
+        except gr.Error as error:
+            yield self._outputs(error=error_markdown(error.message))
+            raise
+
+    def regenerate(self, video, method, compare, num_frames, max_new_tokens, ignore_eos, state, match_budget=True,
+                   page_width=0, dark=False, request: gr.Request = None, progress=gr.Progress(),
+                   **knobs) -> Iterator[tuple]:
+        """Ask the conversation's last question again, in place of its last answer."""
+        try:
+            question = (state or {}).get("question")
+            if not question or self.conversations.get(page_key(request)) is None:
+                raise gr.Error("Nothing to regenerate yet: ask a question first.")
+            yield from self._ask(video, question, method, compare, num_frames, max_new_tokens, ignore_eos, state,
+                                 bool(match_budget), int(page_width or 0), bool(dark), request, progress, knobs,
+                                 regenerate=True)
+        except gr.Error as error:
+            yield self._outputs(error=error_markdown(error.message))
+            raise
+
+    def _ask(self, video, question, method, compare, num_frames, max_new_tokens, ignore_eos, state, match_budget,
+             page_width, dark, request, progress, knobs, regenerate: bool = False) -> Iterator[tuple]:
         if not video:
             raise gr.Error("No video yet: upload a video (MP4, WebM, MKV, AVI) or click an example, then ask.")
         if not self.is_upload(video):  # checked before any stat or open: no probing of the server's files
@@ -372,163 +518,216 @@ class DyCokeApp:
         try:
             question = clean_question(question or "")
         except RequestError as error:
-            raise gr.Error(f"{str(error)[0].upper()}{str(error)[1:]}.") from None
-        config, num_frames, max_new_tokens = self._settings(
-            method, compare, merge_ratio, window, prune_layer, prune_ratio, threshold, num_frames, max_new_tokens)
+            raise gr.Error(user_message(error)) from None
+        settings = self._settings(method, compare, num_frames, max_new_tokens, match_budget, **knobs)
         # The logs name a request by a short hash; the question and the upload only as hashes of their own.
         ref = short_hash(video, question, time.time_ns(), threading.get_ident())
         log.info("request %s: video %s, question %s, %s vs %s, %d frames, %d new tokens", ref, short_hash(video),
-                 short_hash(question), method, compare, num_frames, max_new_tokens)
-        clip, reused = self._clip(video, num_frames, progress, ref)
+                 short_hash(question), method, compare, settings.num_frames, settings.max_new_tokens)
+        clip, reused = self._clip(video, settings.num_frames, progress, ref)
 
         state = dict(state or empty_state())
-        if state.get("video") != video:  # a new video starts a new conversation
-            state = empty_state() | {"video": video}
-        histories = {"comparison": list(state["comparison"]), "method": list(state["method"])}
+        page = page_key(request)
+        conversations = self.conversations.get(page)
+        prefix = settings.prefix(video)
+        notice = ""
+        if regenerate and (state.get("prefix") != prefix or conversations is None):
+            raise gr.Error("The settings or the video changed since the last answer: press Send to ask again.")
+        if regenerate:
+            for role in settings.methods:  # the last exchange is asked again
+                state[role] = state[role][:-2]
+        elif state.get("video") != video or state.get("prefix") != prefix or conversations is None:
+            if state.get("prefix") == STOPPED_OUT:
+                notice = "New conversation: Stop skipped a pane's run, so the panes no longer hold the same turns. "
+            elif state.get("method") or state.get("comparison"):
+                notice = ("New conversation: the settings changed what the model sees of the video. "
+                          if state.get("video") == video and conversations is not None else
+                          "New conversation: the earlier one is no longer held by the server. ")
+            state = empty_state()
+            # The decode is shared by both runs and reported in the status line, not in their timings.
+            conversations = self._start_conversations(page, dataclasses.replace(clip, decode_seconds=0.0), settings,
+                                                      bool(ignore_eos))
+        for conversation in conversations.values():  # the answer's length is not part of the prefix
+            conversation.max_new_tokens, conversation.ignore_eos = settings.max_new_tokens, bool(ignore_eos)
+        state |= {"video": video, "prefix": prefix, "question": question}
         name = Path(video).name
-        status = (f"Reused the {clip.num_frames} decoded frames of `{name}`: no second decode." if reused else
-                  f"Decoded {clip.num_frames} frames of `{name}` in {clip.decode_seconds * 1000:.0f} ms "
-                  "(once, shared by both runs and not counted in their timings).")
-        status += " Each question is answered on its own: the model does not see earlier turns."
-        clip = dataclasses.replace(clip, decode_seconds=0.0)
+        turns = len(state["method"]) // 2
+        status = notice + (f"Reused the {clip.num_frames} decoded frames of `{name}`: no second decode." if reused
+                           else f"Decoded {clip.num_frames} frames of `{name}` in {clip.decode_seconds * 1000:.0f} ms "
+                                "(once, shared by both runs and not counted in their timings).")
+        if turns:
+            status += f" Turn {turns + 1}: the model sees the {turns} earlier turn{'s' * (turns > 1)}."
+        stop = self._stop_event(request)
+        stop.clear()
 
+        with_comparison = "comparison" in settings.methods
+        asked = {"role": "user", "content": question}
+        tokens = self.loaded.tokens_per_frame
+        header = {role: pane_header(role.title(), settings.methods.get(role), settings.config, settings.num_frames,
+                                    settings.max_new_tokens, tokens) for role in ("comparison", "method")}
+        waiting = placeholders(method="Waiting for the comparison run.") if with_comparison else placeholders()
         yield self._outputs(
-            question="", status=status,
-            comparison_header=pane_header("Comparison", compare, config, num_frames, max_new_tokens),
-            method_header=pane_header("Method", method, config, num_frames, max_new_tokens),
-            comparison_chat=histories["comparison"] + ([{"role": "user", "content": question}]
-                                                       if compare != NO_COMPARISON else []),
-            method_chat=histories["method"] + [{"role": "user", "content": question}],
-            comparison_stats="", method_stats="",
+            question="", status=status, error="", headline="", download=gr.update(value=None, visible=False),
+            comparison_header=header["comparison"], method_header=header["method"],
+            comparison_chat=state["comparison"] + ([asked] if with_comparison else []),
+            method_chat=state["method"] + [asked] + ([{"role": "assistant", "content": WAITING}]
+                                                     if with_comparison else []),
+            comparison_stats="", method_stats="", **waiting,
         )
-        # Validation and decoding above run on the CPU, outside the model slot; only the model runs below hold it
-        # and the GPU (on ZeroGPU, in its worker process, which is why the clip cache is filled out here).
+        # Validation and decoding above run on the CPU; only the model runs below hold the GPU (on ZeroGPU, in
+        # its worker process, which is why the clip cache is filled out here, where it persists).
+        # Validation and decoding above run outside the model slot; only the model runs below hold it and the GPU.
         with self.model_slot:
-            yield from self._run_on_gpu(clip, question, method, compare, config, num_frames, max_new_tokens,
-                                        bool(ignore_eos), video, histories, progress, ref)
+            yield from self._run_on_gpu(clip, question, conversations, regenerate, state, stop, page_width, dark,
+                                        progress, ref)
 
-    def _model_runs(self, clip: VideoClip, question: str, method: str, compare: str, config: DyCokeConfig,
-                    num_frames: int, max_new_tokens: int, ignore_eos: bool, video: str, histories: dict,
-                    progress: gr.Progress, ref: str = "-") -> Iterator[tuple]:
+    def _start_conversations(self, page: str, clip: VideoClip, settings: RunSettings,
+                             ignore_eos: bool) -> dict[str, Conversation]:
+        """A new conversation per pane, on the same decoded clip; on ZeroGPU their caches wait on the host."""
+        try:
+            conversations = {role: Conversation(self.pipeline, clip, method, settings.config,
+                                                max_new_tokens=settings.max_new_tokens, ignore_eos=ignore_eos,
+                                                num_frames=settings.num_frames, keep_on_host=spaces is not None)
+                             for role, method in settings.methods.items()}
+        except (ConfigError, RequestError) as error:
+            raise gr.Error(f"Bad setting: {error}. Fix it under Settings and ask again.") from None
+        self.conversations.start(page, conversations)
+        return conversations
+
+    def _model_runs(self, clip: VideoClip, question: str, conversations: dict[str, Conversation], regenerate: bool,
+                    state: dict, stop: threading.Event, page_width: int, dark: bool, progress: gr.Progress,
+                    ref: str = "-") -> Iterator[tuple]:
         """The comparison, then the method, one after the other on the same frames, each streamed and timed."""
-        runs = [("comparison", compare)] if compare != NO_COMPARISON else []
-        runs.append(("method", method))
+        runs = [(role, conversation.method) for role, conversation in conversations.items()]
         results: dict[str, Result] = {}
         for index, (role, run_method) in enumerate(runs):
-            def report(fraction: float, message: str, index=index, run_method=run_method) -> None:
-                progress((index + fraction) / len(runs), desc=f"{run_method}: {message}")
+            def report(fraction: float, message: str, index=index, name=run_method.name) -> None:
+                progress((index + fraction) / len(runs), desc=f"{name}: {message}")
 
-            history = histories[role] + [{"role": "user", "content": question}]
-            answer, shown_answer = "", None
-            steps: list[dict] = []
-            last_text = last_plot = 0.0
-            events = self.pipeline.stream(
-                clip, question, method=run_method, config=config, max_new_tokens=max_new_tokens,
-                ignore_eos=ignore_eos, num_frames=num_frames, progress=report,
-            )
-            try:
-                for event in events:
-                    # Generation runs in its own thread and timestamps its tokens there; whatever this loop does
-                    # competes with it for the GIL, so it only collects events and yields on a throttle.
-                    if isinstance(event, TextDelta):
-                        answer += event.text
-                    elif isinstance(event, StepTrace):
-                        steps.append({"kept_per_frame": event.kept_per_frame, "reselected": event.reselected})
-                    elif isinstance(event, Result):
-                        results[role] = event
-                        continue
-                    now = time.monotonic()
-                    updates = {}
-                    if answer != shown_answer and now - last_text >= TEXT_INTERVAL_S:
-                        last_text, shown_answer = now, answer
-                        updates[f"{role}_chat"] = history + [{"role": "assistant", "content": answer}]
-                    if steps and now - last_plot >= HEATMAP_INTERVAL_S:
-                        last_plot = now
-                        trace = viz.partial_trace(clip.timestamps, self.loaded.tokens_per_frame, steps)
-                        updates[f"{role}_heatmap"] = heatmap_figure(
-                            trace, f"{run_method} · step {len(steps)} (TTM column at the end)", live=True)
-                    if updates:
-                        yield self._outputs(**updates)
-            except (ConfigError, RequestError, VideoError) as error:  # out of memory is a RequestError too
-                log.warning("request %s: %s refused: %s", ref, run_method, type(error).__name__)
-                message = user_message(error)
-                if "ask again" not in message:
-                    message += " Change the input and ask again."
-                raise gr.Error(f"{run_method}: {message}") from None
-            except Exception as error:  # a bug or a driver fault: no traceback to the user, keep serving
-                log_failure(ref, run_method, error)
-                raise gr.Error(f"{run_method}: something went wrong (error {ref}). Try again, with fewer frames "
-                               "or fewer new tokens.") from None
-            finally:
-                events.close()
+            history = state[role] + [{"role": "user", "content": question}]
+            if stop.is_set():  # the panes no longer hold the same turns: the next Send starts afresh
+                state[role] = history + [{"role": "assistant", "content": "(not run: stopped)"}]
+                state["prefix"] = STOPPED_OUT
+                yield self._outputs(**{f"{role}_chat": state[role], "state": state})
+                continue
+            yield from self._stream_run(clip, question, role, conversations[role], regenerate, history, results,
+                                        dark, report, ref)
             result = results[role]
             shown = result.answer if result.answer else "(empty answer: the model ended at once)"
-            histories[role] = history + [{"role": "assistant", "content": shown}]
+            if result.metrics.get("stopped"):
+                shown = result.answer + STOPPED
+            state[role] = history + [{"role": "assistant", "content": shown}]
+            trace = result.trace
             updates = {
-                f"{role}_chat": histories[role],
-                f"{role}_stats": stats_markdown(result),
-                f"{role}_heatmap": heatmap_figure(
-                    result.trace, f"{run_method} · {len(result.trace['steps'])} steps · "
-                                  f"{result.metrics['reselections']} reselections"),
-                "gauges": self._gauges(results, compare, method),
+                f"{role}_chat": state[role],
+                f"{role}_stats": viz.stats_line(result.metrics),
+                **({"status": "Stopped: the partial answer is kept."} if result.metrics.get("stopped") else {}),
+                f"{role}_heatmap": viz.step_heatmap(
+                    trace, viz.step_heatmap_title(run_method.name, trace, result.metrics["reselections"]), dark=dark),
+                "state": state,
             }
             if role == "method":
-                updates["ttm_view"] = self._ttm_view(clip, result)
-                updates["state"] = {"video": video, **histories}
+                comparison = results.get("comparison")
+                updates |= {
+                    "headline": viz.headline(
+                        result.method, result.metrics, comparison and comparison.method,
+                        comparison and comparison.metrics,
+                        None if comparison is None else comparison.token_ids == result.token_ids),
+                    "gauges": viz.gauges_figure(result.method, result.metrics, comparison and comparison.method,
+                                                comparison and comparison.metrics, dark=dark),
+                    "ttm_view": viz.ttm_view(clip.frames, list(clip.timestamps), result.method, trace, result.metrics,
+                                             page_width, dark),
+                    "download": gr.update(value=self._run_file(results, ref), visible=True),
+                }
             yield self._outputs(**updates)
 
-    @staticmethod
-    def _side_names(compare: str, method: str) -> tuple[str, str]:
-        if compare == method:
-            return f"{compare} (comparison)", method
-        return compare, method
+    def _stream_run(self, clip: VideoClip, question: str, role: str, conversation: Conversation, regenerate: bool,
+                    history: list, results: dict, dark: bool, report: Callable, ref: str) -> Iterator[tuple]:
+        """Stream one turn of `conversation` into its pane; its Result (stopped or not) goes into `results`."""
+        method = conversation.method
+        answer, shown_answer = "", None
+        steps: list[dict] = []
+        last_text = last_plot = 0.0
+        events = conversation.regenerate(report) if regenerate else conversation.ask(question, report)
+        try:
+            for event in events:
+                # Generation runs in its own thread and timestamps its tokens there; whatever this loop does
+                # competes with it for the GIL, so it only collects events and yields on a throttle.
+                if isinstance(event, Notice):
+                    yield self._outputs(status=f"{method.name}: {event.text}.")
+                    continue
+                if isinstance(event, TextDelta):
+                    answer += event.text
+                elif isinstance(event, StepTrace):
+                    steps.append({"kept_per_frame": event.kept_per_frame, "reselected": event.reselected})
+                elif isinstance(event, Result):
+                    results[role] = event
+                    continue
+                now = time.monotonic()
+                updates = {}
+                if answer != shown_answer and now - last_text >= TEXT_INTERVAL_S:
+                    last_text, shown_answer = now, answer
+                    updates[f"{role}_chat"] = history + [{"role": "assistant", "content": answer}]
+                if steps and now - last_plot >= HEATMAP_INTERVAL_S:
+                    last_plot = now
+                    trace = viz.partial_trace(clip.timestamps, self.loaded.tokens_per_frame, steps)
+                    updates[f"{role}_heatmap"] = viz.live_step_heatmap(
+                        trace, f"{method.name} · step {len(steps)} (TTM column at the end)", dark=dark)
+                if updates:
+                    yield self._outputs(**updates)
+        except (ConfigError, RequestError, VideoError) as error:  # out of memory is a RequestError too
+            log.warning("request %s: %s refused: %s", ref, method.name, type(error).__name__)
+            message = user_message(error)
+            if "ask again" not in message:
+                message += " Change the input and ask again."
+            raise gr.Error(f"{method.name}: {message}") from None
+        except Exception as error:  # a bug or a driver fault: no traceback to the user, keep serving
+            log_failure(ref, method.name, error)
+            raise gr.Error(f"{method.name}: something went wrong (error {ref}). Try again, with fewer frames "
+                           "or fewer new tokens.") from None
+        finally:
+            events.close()  # joins the generation thread
 
-    def _gauges(self, results: dict[str, Result], compare: str, method: str):
-        comparison_name, method_name = self._side_names(compare, method)
-        sides = {}
-        if "comparison" in results:
-            sides[comparison_name] = results["comparison"].metrics
-        if "method" in results:
-            sides[method_name] = results["method"].metrics
-        fig = viz.gauges_figure(sides, reference=comparison_name if "comparison" in results else None)
-        # Smaller titles and numbers than plotly's defaults, so that a row's titles clear the row above.
-        fig.update_traces(title_font_size=13, number_font_size=30, selector={"type": "indicator"})
-        return fig
-
-    def _ttm_view(self, clip: VideoClip, result: Result):
-        trace = result.trace
-        # About 870 px wide, a little narrower than the plot in a desktop layout: plotly then draws the image at
-        # full size, and the figure's height (set by the builder from the image) leaves no empty band.
-        cols, thumb, font = (6, 140, 10) if clip.num_frames <= 32 else (8, 104, 9)
-        fig = viz.ttm_frames_figure(clip.frames, trace["ttm_keep_mask"], list(clip.timestamps),
-                                    trace["ttm_kept_per_frame"], max_cols=min(cols, clip.num_frames), thumb=thumb)
-        kept = result.metrics["visual_tokens_after_ttm"]
-        total = result.metrics["visual_tokens_in"]
-        fig.update_annotations(font={"size": font})
-        fig.update_layout(title={"text": f"{result.method}: {kept:,} of {total:,} visual tokens enter the language "
-                                         f"model ({100 * kept / total:.0f}%); shaded patches were dropped before it",
-                                 "font": {"size": 13}, "x": 0.01, "y": 0.99, "yanchor": "top"},
-                          margin={"l": 0, "r": 0, "t": 30, "b": 0}, height=fig.layout.height + 30)
-        return fig
+    def _run_file(self, results: dict[str, Result], ref: str) -> str:
+        """The run's results as the CLI's JSON contract, {"comparison": ..., "method": ...}, in a file to download."""
+        path = self.downloads / f"dycoke-run-{ref}.json"
+        path.write_text(json.dumps({role: result.to_dict() for role, result in results.items()}, indent=1))
+        return str(path)
 
 
-def preview_headers(method, compare, merge_ratio, window, prune_layer, prune_ratio, threshold, num_frames,
-                    max_new_tokens) -> tuple:
+def preview_headers(handlers: DyCokeApp, method, compare, num_frames, max_new_tokens, match_budget=True,
+                    **knobs) -> tuple:
     """The pane headers for the settings as they stand, before anything runs; unchanged while a value is invalid."""
     try:
-        config = DyCokeConfig(merge_ratio=float(merge_ratio), window=int(window), prune_layer=int(prune_layer),
-                              prune_ratio=float(prune_ratio), reselect_threshold=float(threshold))
-        frames, tokens = int(num_frames), int(max_new_tokens)
-        return (pane_header("Comparison", compare, config, frames, tokens),
-                pane_header("Method", method, config, frames, tokens))
-    except (ConfigError, TypeError, ValueError):
+        settings = handlers._settings(method, compare, num_frames, max_new_tokens, match_budget, **knobs)
+    except gr.Error:
         return gr.skip(), gr.skip()
+    tokens = handlers.loaded.tokens_per_frame
+    return tuple(pane_header(role.title(), settings.methods.get(role), settings.config, settings.num_frames,
+                             settings.max_new_tokens, tokens) for role in ("comparison", "method"))
+
+
+def shown_controls(method: str, compare: str, match_budget: bool) -> list:
+    """Visibility of the match switch and of each knob's control: exactly the knobs the chosen methods use."""
+    names = [name for name in (method, compare) if name in method_names()]
+    shown = {knob.name for knob in knobs_shown(names, MATCH_REFERENCE if match_budget else None)}
+    peers = any(get_method(name).matchable for name in names)
+    return [gr.update(visible=peers)] + [gr.update(visible=knob.name in shown) for knob in all_knobs()]
+
+
+def knob_control(knob: Knob, num_layers: int, visible: bool) -> gr.components.Component:
+    """The control of one knob, labelled as everywhere on the page."""
+    if knob.kind == "choice":
+        return gr.Radio(list(knob.choices), value=knob.default, label=knob.label, info=knob.help, visible=visible,
+                        elem_id=f"knob-{knob.name}")
+    maximum = num_layers - 1 if knob.kind == "layer" else knob.maximum
+    return gr.Slider(knob.minimum, maximum, value=min(knob.default, maximum), step=knob.step, label=knob.label,
+                     info=knob.help, visible=visible, elem_id=f"knob-{knob.name}")
 
 
 def _examples() -> tuple[list[list[str]], list[str]]:
-    files = sorted(EXAMPLES_DIR.glob("*.mp4"))
-    rows = [[str(path), EXAMPLE_QUESTIONS.get(path.name, "What happens in this video?")] for path in files]
-    return rows, [path.stem.replace("_", " ") for path in files]
+    rows = [[str(path), question] for path, question in EXAMPLES if Path(path).is_file()]
+    return rows, [Path(path).stem.replace("_", " ") for path, _ in rows]
 
 
 def answer_pane(role: str, header: str, placeholder: str) -> tuple[gr.Column, tuple]:
@@ -536,8 +735,8 @@ def answer_pane(role: str, header: str, placeholder: str) -> tuple[gr.Column, tu
     with gr.Column(min_width=300) as column:
         components = (
             gr.Markdown(header, elem_classes=["pane-header"], elem_id=f"{role}-header"),
-            gr.Chatbot(label=f"{role} answer", height=260, buttons=["copy"], render_markdown=False,
-                       elem_id=f"{role}-chat", show_label=False, placeholder=placeholder),
+            gr.Chatbot(label=f"{role} answer", height=340, buttons=["copy"], render_markdown=False,
+                       elem_id=f"{role}-chat", show_label=False, placeholder=placeholder, autoscroll=True),
             gr.Markdown(elem_classes=["pane-stats"], elem_id=f"{role}-stats"),
             gr.Plot(show_label=False, elem_id=f"{role}-heatmap"),
         )
@@ -557,9 +756,11 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
     names = method_names()
     default_method = "dycoke" if "dycoke" in names else names[0]
     default_compare = "baseline" if "baseline" in names else NO_COMPARISON
-    max_layer = loaded.num_layers - 1
     default_frames = 32 if loaded.device.type == "cuda" else 16
+    default_tokens = 64
     defaults = DyCokeConfig()
+    shown = {knob.name for knob in knobs_shown([default_method, default_compare], MATCH_REFERENCE)}
+    tokens = loaded.tokens_per_frame
 
     with gr.Blocks(title="DyCoke: token compression for video LLMs", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("## DyCoke: dynamic token compression for video LLMs\n"
@@ -568,91 +769,118 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
         gr.Markdown(handlers.banner, elem_id="model-banner",
                     elem_classes=["random-weights"] if loaded.is_random else [])
         state = gr.State(empty_state())
+        page_width = gr.Number(0, visible=False, elem_id="page-width")
+        dark = gr.Checkbox(False, visible=False, elem_id="page-dark")
         with gr.Row(equal_height=False):
-            with gr.Column(scale=1, min_width=320):
-                video = UploadedVideo(label="Video", sources=["upload"], height=240, elem_id="video")
+            with gr.Column(scale=1, min_width=320, elem_id="inputs"):
+                video = UploadedFile(label="Video (MP4, WebM, MKV, AVI, MOV)", file_count="single", type="filepath",
+                                height=90, elem_id="video")
+                preview = gr.Video(label="Preview", interactive=False, height=200, elem_id="video-preview")
                 question = gr.Textbox(label="Question", placeholder="Ask about the video and press Enter",
                                       lines=1, max_lines=4, max_length=4096, elem_id="question")
                 with gr.Row():
-                    send = gr.Button("Send", variant="primary", elem_id="send")
-                    clear = gr.Button("Clear", elem_id="clear")
+                    send = gr.Button("Send", variant="primary", elem_id="send", min_width=70)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=70)
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate", min_width=70)
+                    clear = gr.Button("Clear", elem_id="clear", min_width=70)
                 progress_slot = gr.Markdown(elem_id="progress-slot")  # where gr.Progress draws, nothing else
-                status = gr.Markdown(elem_id="status-line")
                 example_rows, example_labels = _examples()
                 if example_rows:
                     gr.Examples(example_rows, inputs=[video, question], example_labels=example_labels,
                                 label="Examples (synthetic clips)")
-                with gr.Accordion("Settings", open=False):
+                with gr.Accordion("Settings", open=False, elem_id="settings"):
                     method = gr.Dropdown(names, value=default_method, label="Method (right pane)",
-                                         info="The compression method to try.")
+                                         info="The compression method to try.", elem_id="method")
                     compare = gr.Dropdown([NO_COMPARISON] + names, value=default_compare,
                                           label="Compare with (left pane)",
-                                          info="Runs first, on the same frames; 'none' skips it.")
-                    merge_ratio = gr.Slider(0.0, 0.95, value=defaults.merge_ratio, step=0.05, label="K · merge ratio",
-                                            info="TTM: share of each non-reference frame's tokens dropped.")
-                    window = gr.Radio(WINDOW_CHOICES, value=defaults.window, label="W · window",
-                                      info="TTM: frames per window; the first frame of a window keeps all.")
-                    prune_layer = gr.Slider(1, max_layer, value=min(defaults.prune_layer, max_layer), step=1,
-                                            label="L · pruning layer",
-                                            info=f"DP prunes layers L..{max_layer}; layer L−1 picks the tokens.")
-                    prune_ratio = gr.Slider(0.0, 0.95, value=defaults.prune_ratio, step=0.05, label="P · prune ratio",
-                                            info="DP: share of visual tokens left out at each decoding step.")
-                    threshold = gr.Slider(-1.0, 1.0, value=defaults.reselect_threshold, step=0.01,
-                                          label="τ · reselect threshold",
-                                          info="DP picks again when attention's cosine to the last pick "
-                                               "drops below τ.")
+                                          info="Runs first, on the same frames; 'none' skips it.", elem_id="compare")
+                    match_budget = gr.Checkbox(
+                        True, label=f"Match {MATCH_REFERENCE}'s budget", elem_id="match-budget",
+                        visible=any(get_method(n).matchable for n in (default_method, default_compare) if n in names),
+                        info=f"Peers keep exactly as many visual tokens as {MATCH_REFERENCE} attends per step under "
+                             "its settings here, instead of their own drop ratio.")
+                    knob_controls = {knob.name: knob_control(knob, loaded.num_layers, knob.name in shown)
+                                     for knob in all_knobs()}
                     num_frames = gr.Radio(FRAME_CHOICES, value=default_frames, label="Frames",
-                                          info="Sampled uniformly from the video.")
-                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_UI, value=64, step=1, label="Max new tokens",
-                                               info="Upper bound on the answer's length.")
+                                          info="Sampled uniformly from the video.", elem_id="frames")
+                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_UI, value=default_tokens, step=1,
+                                               label="Max new tokens", info="Upper bound on the answer's length.",
+                                               elem_id="max-new-tokens")
                     ignore_eos = gr.Checkbox(value=loaded.is_random, label="Always generate max new tokens",
                                              info="Ignore end-of-sequence, so both runs decode the same number of "
                                                   "tokens (on by default for random weights).")
+                    reset = gr.Button("Reset settings to defaults", size="sm", elem_id="reset")
                     gr.Markdown("\n".join(f"- `{name}`: {get_method(name).summary}" for name in names))
-            with gr.Column(scale=3):
-                with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=320, elem_id="answers"):
+                status = gr.Markdown(elem_id="status-line")
+                error = gr.Markdown(elem_id="error-box")
+                with gr.Row(equal_height=True):
                     comparison_column, (comparison_header, comparison_chat, comparison_stats,
                                         comparison_heatmap) = answer_pane(
-                        "comparison", pane_header("Comparison", default_compare, defaults, default_frames, 64),
+                        "comparison", pane_header("Comparison", get_method(default_compare), defaults,
+                                                  default_frames, default_tokens, tokens),
                         "The comparison's answer streams here.")
                     _, (method_header, method_chat, method_stats, method_heatmap) = answer_pane(
-                        "method", pane_header("Method", default_method, defaults, default_frames, 64),
+                        "method", pane_header("Method", get_method(default_method), defaults, default_frames,
+                                              default_tokens, tokens),
                         "The method's answer streams here.")
                 gr.Markdown("**Heatmap:** one row per frame (its time on the left), one column per decoding "
-                            "step; colour = share of that frame's tokens the new token attended to at layers ≥ L "
-                            "(1 = all). The first column, TTM, is the share of each frame's tokens that entered "
-                            "the language model; ▼ marks steps where DP picked its tokens again. Hover a cell "
-                            "for kept/total.")
-                gr.Markdown("**Gauges**, one row per run, each run timed alone: time to first token, decode speed, "
-                            "memory (peak GPU memory, or the KV cache where peak memory cannot be measured), and "
-                            "the share of visual tokens attended per step; the last row divides the comparison's "
-                            "total time and memory by the method's (above 1× = the method is faster / lighter).")
+                            "step (several once there are more than 120 steps, averaged); colour = share of that "
+                            "frame's tokens the new token attended to at the pruned layers (1 = all). The first "
+                            "column, TTM, is the share of each frame's tokens that entered the language model; the "
+                            "red strip above the grid marks steps where DP picked its tokens again. Hover a cell "
+                            "for the exact count.")
+                headline = gr.Markdown(elem_id="headline")
                 gauges = gr.Plot(show_label=False, elem_id="gauges")
+                download = gr.DownloadButton("Download this run (JSON)", visible=False, size="sm",
+                                             elem_id="download")
                 gr.Markdown("**TTM view:** the sampled frames, with the 14×14 patches dropped before the language "
                             "model shaded red, and each frame's kept count.")
                 ttm_view = gr.Plot(show_label=False, elem_id="ttm-view")
 
         outputs = [question, comparison_header, comparison_chat, comparison_stats, comparison_heatmap,
-                   method_header, method_chat, method_stats, method_heatmap, gauges, ttm_view, status, state]
+                   method_header, method_chat, method_stats, method_heatmap, headline, gauges, ttm_view, download,
+                   status, error, state]
         assert len(outputs) == len(OUTPUTS)
-        inputs = [video, question, method, compare, merge_ratio, window, prune_layer, prune_ratio, threshold,
-                  num_frames, max_new_tokens, ignore_eos, state]
+        page = {"page_width": page_width, "dark": dark}
+        settings_kwargs = {"match_budget": match_budget} | {api_name(knob): control
+                                                            for knob, control in zip(all_knobs(),
+                                                                                     knob_controls.values())}
         # Progress (decoding, encoding) shows in its own slot, not as an overlay on every output.
-        run = {"fn": handlers.ask, "inputs": inputs, "outputs": outputs, "concurrency_id": GPU_QUEUE,
+        run = {"outputs": outputs, "inputs_kwargs": settings_kwargs | page, "concurrency_id": GPU_QUEUE,
                "concurrency_limit": REQUEST_SLOTS, "show_progress": "full", "show_progress_on": [progress_slot]}
-        question.submit(api_name="ask", **run)
-        send.click(api_visibility="undocumented", **run)
+        asking = [video, question, method, compare, num_frames, max_new_tokens, ignore_eos, state]
+        scroll = scroll_to_answers_js(len(asking) + len(run["inputs_kwargs"]))
+        question.submit(handlers.ask, asking, api_name="ask", js=scroll, **run)
+        send.click(handlers.ask, asking, api_visibility="undocumented", js=scroll, **run)
+        regenerating = [video, method, compare, num_frames, max_new_tokens, ignore_eos, state]
+        regenerate.click(handlers.regenerate, regenerating, api_name="regenerate",
+                         js=scroll_to_answers_js(len(regenerating) + len(run["inputs_kwargs"])), **run)
+        stop.click(handlers.stop, api_name="stop", queue=False)
         clear.click(handlers.clear, outputs=outputs, api_name="clear", queue=False)
-        video.change(handlers.clear, outputs=outputs, api_visibility="undocumented", queue=False)
+        video.change(handlers.new_video, video, outputs, api_visibility="undocumented", queue=False).then(
+            lambda path: path if path and handlers.is_upload(path) else None, video, preview,
+            api_visibility="undocumented", queue=False)
         for chat in (comparison_chat, method_chat):  # a pane's own trash icon clears the whole conversation
             chat.clear(handlers.clear, outputs=outputs, api_visibility="undocumented", queue=False)
         compare.change(lambda c: gr.update(visible=c != NO_COMPARISON), compare, comparison_column,
                        api_visibility="undocumented", queue=False)
-        knobs = [method, compare, merge_ratio, window, prune_layer, prune_ratio, threshold, num_frames, max_new_tokens]
-        for knob in knobs:
-            knob.change(preview_headers, knobs, [comparison_header, method_header],
-                        api_visibility="undocumented", queue=False, show_progress="hidden")
+        controls = [match_budget, *knob_controls.values()]
+        for selector in (method, compare, match_budget):
+            selector.change(shown_controls, [method, compare, match_budget], controls,
+                            api_visibility="undocumented", queue=False, show_progress="hidden")
+        header_inputs = {"inputs": [method, compare, num_frames, max_new_tokens], "inputs_kwargs": settings_kwargs}
+        for knob in [method, compare, num_frames, max_new_tokens, *controls]:
+            knob.change(functools.partial(preview_headers, handlers),
+                        outputs=[comparison_header, method_header], api_visibility="undocumented", queue=False,
+                        show_progress="hidden", **header_inputs)
+        resettable = [method, compare, num_frames, max_new_tokens, ignore_eos, *controls]
+        reset.click(lambda: [default_method, default_compare, default_frames, default_tokens, loaded.is_random, True]
+                    + [min(knob.default, loaded.num_layers - 1) if knob.kind == "layer" else knob.default
+                       for knob in all_knobs()],
+                    outputs=resettable, api_visibility="undocumented", queue=False)
         demo.load(handlers.clear, outputs=outputs, api_visibility="undocumented", queue=False)
+        demo.load(None, outputs=[page_width, dark], js=PAGE_INFO_JS, api_visibility="undocumented")
     handlers.upload_roots = (Path(demo.GRADIO_CACHE).resolve(), EXAMPLES_DIR.resolve())
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=4)
     demo.dycoke = handlers  # for tests: the handlers, their pipeline and clip cache
@@ -661,9 +889,6 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
 
 def launch_app(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **options):
     """Serve `demo` with the app's CSS and upload limit; extra options go to `Blocks.launch`."""
-    # show_error: a refusal raised by gradio itself (a non-number slider value, a FileData path it was not sent)
-    # reaches the API client with its message instead of a bare "Error"; the handlers' own faults are gr.Errors
-    # that name no data.
     return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, css=CSS,
                        footer_links=["api", "gradio"], show_error=True, **options)
 

@@ -678,6 +678,17 @@ def configure_from_knobs(name: str, values: dict[str, object], match: str | None
     return config_from(values), configure(method, **options)
 
 
+def configured_values(method: Method, config: DyCokeConfig) -> list[tuple[Knob, object]]:
+    """Each of `method`'s knobs with the value it runs with: DyCoke's from `config`, the rest from the method;
+    a drop ratio still left to a match (None) is left out."""
+    values = []
+    for knob in method.knobs():
+        value = getattr(config, knob.name) if knob.in_config else method.options()[knob.name]
+        if value is not None:
+            values.append((knob, value))
+    return values
+
+
 def install_hooks(model: torch.nn.Module) -> None:
     """Every registered method's hooks, once each; each is inert for the other methods' requests."""
     for method in REGISTRY.values():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import plotly.graph_objects as go
@@ -17,10 +19,20 @@ from plotly.colors import DEFAULT_PLOTLY_COLORS, sequential
 from plotly.subplots import make_subplots
 from PIL import Image
 
+if TYPE_CHECKING:
+    from dycoke.config import DyCokeConfig
+    from dycoke.methods import Method
+
 HEATMAP_UIREVISION = "dycoke-heatmap"
 # Viridis spelled out, as plotly's validation would: the unvalidated live heatmap must be the same figure.
 VIRIDIS = [[i / (len(sequential.Viridis) - 1), color] for i, color in enumerate(sequential.Viridis)]
-MAX_FRAME_TICKS = 32
+RESELECTION_SCALE = [[0.0, "rgba(220, 20, 60, 0)"], [1e-6, "rgba(220, 20, 60, 0.45)"], [1.0, "rgb(220, 20, 60)"]]
+MAX_STEP_COLUMNS = 120  # more steps than this are binned, so that a column stays a few pixels wide
+MAX_STEP_TICKS = 6
+FRAME_TICK_PX = 16  # vertical room one frame-time label needs
+HEATMAP_HEIGHT = 360
+HEATMAP_MARGIN = {"l": 52, "r": 8, "t": 30, "b": 36}
+STRIP_SHARE = 0.07  # the reselection strip's share of the plot's height, above the grid
 BYTES_PER_MB = 1_000_000
 
 
@@ -28,70 +40,128 @@ def _seconds_label(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
+# --- themes -------------------------------------------------------------------------------------------
+
+
+def theme_layout(dark: bool = False) -> dict:
+    """Layout colours that follow the page: transparent backgrounds, and text and lines readable on them."""
+    text, line = ("#e5e7eb", "#4b5563") if dark else ("#1f2937", "#d1d5db")
+    return {"paper_bgcolor": "rgba(0,0,0,0)", "plot_bgcolor": "rgba(0,0,0,0)", "font": {"color": text},
+            "xaxis": {"gridcolor": line, "zerolinecolor": line, "linecolor": line},
+            "yaxis": {"gridcolor": line, "zerolinecolor": line, "linecolor": line}}
+
+
+def themed(fig: go.Figure, dark: bool = False) -> go.Figure:
+    """`fig` with the page's theme applied to its layout and every axis."""
+    theme = theme_layout(dark)
+    axes = theme.pop("xaxis")
+    fig.update_layout(**{key: value for key, value in theme.items() if key != "yaxis"})
+    fig.update_xaxes(**axes)
+    fig.update_yaxes(**axes)
+    return fig
+
+
 # --- per-step heatmap -------------------------------------------------------------------------------
 
 
-def _step_heatmap_spec(trace: dict, title: str) -> dict:
-    """The heatmap as a plain {"data", "layout"} dict; `step_heatmap` and `live_step_heatmap` wrap it."""
+def step_bins(num_steps: int, max_columns: int = MAX_STEP_COLUMNS) -> list[range]:
+    """The decoding steps of each heatmap column: one step per column, or, past `max_columns` steps, runs of
+    ceil(steps / max_columns) consecutive steps (the last run may be shorter)."""
+    width = max(1, math.ceil(num_steps / max_columns))
+    return [range(start, min(start + width, num_steps)) for start in range(0, num_steps, width)]
+
+
+def _compact(value: float) -> float | int:
+    """A cell value as short JSON: whole numbers as ints, the rest to one decimal."""
+    rounded = round(float(value), 1)
+    return int(rounded) if rounded.is_integer() else rounded
+
+
+def _column_label(steps: range) -> str:
+    return f"step {steps.start + 1}" if len(steps) == 1 else f"steps {steps.start + 1}–{steps.stop}"
+
+
+def _thinned(values: list, most: int) -> list:
+    """At most `most` of `values`, evenly spaced, the first always among them."""
+    return values[::max(1, math.ceil(len(values) / max(1, most)))]
+
+
+def _step_heatmap_spec(trace: dict, title: str, height: int = HEATMAP_HEIGHT, dark: bool = False) -> dict:
+    """The heatmap as a plain {"data", "layout"} dict; `step_heatmap` and `live_step_heatmap` wrap it.
+
+    Cells hold kept token counts (0..N, colour scale fixed): exact integers while a column is one step, the mean
+    over the column's steps once they are binned. A column of None (the TTM column while streaming) is blank.
+    """
     tokens_per_frame = trace["tokens_per_frame"]
     frame_times = [float(t) for t in trace["frame_times_s"]]
+    num_frames = trace["frames"]
     steps = trace["steps"]
-    columns = [trace["ttm_kept_per_frame"]] + [step["kept_per_frame"] for step in steps]
-    column_labels = ["TTM"] + [str(i) for i in range(1, len(steps) + 1)]
-    frame_ids = list(range(trace["frames"]))
+    bins = step_bins(len(steps))
+    binned = any(len(b) > 1 for b in bins)
+    kept = np.array([step["kept_per_frame"] for step in steps], dtype=float).reshape(len(steps), num_frames)
+    reselected = np.array([bool(step.get("reselected")) for step in steps], dtype=int)
 
-    # A TTM column of None (still streaming: the TTM counts come with the final result) is drawn as a gap.
-    fractions = [[None if col[f] is None else int(col[f]) / tokens_per_frame for col in columns] for f in frame_ids]
-    hover = [
-        [
-            f"frame {f} · {_seconds_label(frame_times[f])}<br>step {label}<br>"
-            + ("kept: pending" if col[f] is None else f"kept {int(col[f])}/{tokens_per_frame}")
-            for col, label in zip(columns, column_labels)
-        ]
-        for f in frame_ids
-    ]
-    heatmap = {
-        "type": "heatmap", "z": fractions, "x": column_labels, "y": frame_ids, "zmin": 0, "zmax": 1,
-        "colorscale": VIRIDIS, "text": hover, "hovertemplate": "%{text}<extra></extra>", "xgap": 1,
-        "colorbar": {"title": {"text": "fraction kept"}},
+    frame_labels = [f"frame {f} · {_seconds_label(frame_times[f])}" for f in range(num_frames)]
+    column_labels = ["TTM"] + [_column_label(b) for b in bins]
+    ttm = trace["ttm_kept_per_frame"]
+    z = [[None if ttm[f] is None else int(ttm[f])] + [_compact(kept[b, f].mean()) for b in bins]
+         for f in range(num_frames)]
+    average = f" (mean of {len(bins[0])} steps per column)" if binned else ""
+    grid = {
+        "type": "heatmap", "z": z, "x": column_labels, "y": frame_labels, "zmin": 0, "zmax": tokens_per_frame,
+        "colorscale": VIRIDIS, "xgap": 0, "ygap": 0, "yaxis": "y", "name": "kept",
+        "hovertemplate": f"%{{y}}<br>%{{x}}<br>kept %{{z}} of {tokens_per_frame} tokens{average}<extra></extra>",
+        "colorbar": {"title": {"text": "kept", "side": "top"}, "thickness": 10, "len": 1 - STRIP_SHARE - 0.03,
+                     "y": 0, "yanchor": "bottom", "tickvals": [0, tokens_per_frame / 2, tokens_per_frame],
+                     "ticktext": ["0%", "50%", "100%"]},
     }
-    reselected = [label for step, label in zip(steps, column_labels[1:]) if step.get("reselected")]
-    # Markers sit on a virtual row -1, just above frame 0, so they never cover a cell.
-    markers = {
-        "type": "scatter", "x": reselected, "y": [-1] * len(reselected), "mode": "markers", "name": "reselected",
-        "marker": {"symbol": "triangle-down", "size": 9, "color": "crimson"},
-        "hovertemplate": "step %{x}: selection recomputed<extra></extra>", "showlegend": False,
+    strip = {
+        "type": "heatmap", "z": [[None] + [int(reselected[b].sum()) for b in bins]], "x": column_labels,
+        "y": ["reselected"], "zmin": 0, "zmax": max(1, len(bins[0]) if bins else 1),
+        "colorscale": RESELECTION_SCALE, "showscale": False, "xgap": 0, "yaxis": "y2", "name": "reselected",
+        "hovertemplate": "%{x}<br>%{z} reselection(s) of DP's tokens<extra></extra>",
     }
-    tick_every = max(1, math.ceil(len(frame_ids) / MAX_FRAME_TICKS))
-    tick_frames = frame_ids[::tick_every]
+    plot_px = height - HEATMAP_MARGIN["t"] - HEATMAP_MARGIN["b"]
+    frame_ticks = _thinned(list(range(num_frames)), int(plot_px * (1 - STRIP_SHARE) // FRAME_TICK_PX))
+    step_ticks = ["TTM"] + _thinned(column_labels[1:], MAX_STEP_TICKS - 1)
+    theme = theme_layout(dark)
     layout = {
-        "title": {"text": title}, "uirevision": HEATMAP_UIREVISION,
-        "margin": {"l": 60, "r": 20, "t": 50 if title else 20, "b": 40},
-        "xaxis": {"type": "category", "title": {"text": "decoding step (▼ = reselection)"}},
-        "yaxis": {
-            "title": {"text": "frame time"}, "range": [len(frame_ids) - 0.5, -1.5],  # descending: frame 0 on top
-            "tickvals": tick_frames, "ticktext": [_seconds_label(frame_times[f]) for f in tick_frames],
-        },
+        "title": {"text": title, "x": 0, "xanchor": "left", "font": {"size": 13}}, "uirevision": HEATMAP_UIREVISION,
+        "height": height, "margin": dict(HEATMAP_MARGIN, t=HEATMAP_MARGIN["t"] if title else 10),
+        "paper_bgcolor": theme["paper_bgcolor"], "plot_bgcolor": theme["plot_bgcolor"], "font": theme["font"],
+        "xaxis": {"type": "category", "tickvals": step_ticks,
+                  "ticktext": [label.removeprefix("steps ").removeprefix("step ").split("–")[0] for label in step_ticks],
+                  "title": {"text": "decoding step" + (f" ({len(bins[0])} per column)" if binned else ""),
+                            "standoff": 4}},
+        "yaxis": {"type": "category", "autorange": "reversed", "domain": [0, 1 - STRIP_SHARE - 0.02],
+                  "tickvals": [frame_labels[f] for f in frame_ticks],
+                  "ticktext": [_seconds_label(frame_times[f]) for f in frame_ticks]},
+        "yaxis2": {"type": "category", "domain": [1 - STRIP_SHARE, 1], "tickvals": ["reselected"],
+                   "ticktext": ["resel."], "tickfont": {"size": 10}},
     }
-    return {"data": [heatmap, markers], "layout": layout}
+    return {"data": [grid, strip], "layout": layout}
 
 
-def step_heatmap(trace: dict, title: str = "") -> go.Figure:
-    """Frames (rows, frame 0 on top) × [TTM, step 1..S] (columns); cell = fraction of the frame's tokens kept."""
-    return go.Figure(_step_heatmap_spec(trace, title))
+def step_heatmap(trace: dict, title: str = "", height: int = HEATMAP_HEIGHT, dark: bool = False) -> go.Figure:
+    """Frames (rows, frame 0 on top) × [TTM, steps] (columns), cell = tokens of the frame kept; a thin strip above
+    the grid marks the steps where DP selected its tokens again."""
+    return go.Figure(_step_heatmap_spec(trace, title, height, dark))
 
 
-def live_step_heatmap(trace: dict, title: str = "", height: int | None = None) -> go.Figure:
+def live_step_heatmap(trace: dict, title: str = "", height: int = HEATMAP_HEIGHT, dark: bool = False) -> go.Figure:
     """`step_heatmap` without plotly's property validation, for updates while a request is still generating.
 
-    The same figure, built about 7× faster: validating a few thousand hover strings takes tens of ms of
-    Python, which would compete for the GIL with the generation thread whose speed the app reports. The
-    unit tests check that it equals the validated figure.
+    The same figure, built several times faster: validation competes for the GIL with the generation thread
+    whose speed the app reports. The unit tests check that it equals the validated figure.
     """
-    spec = _step_heatmap_spec(trace, title)
-    if height is not None:
-        spec["layout"]["height"] = int(height)
-    return go.Figure(spec, _validate=False)
+    return go.Figure(_step_heatmap_spec(trace, title, height, dark), _validate=False)
+
+
+def step_heatmap_title(method: str, trace: dict, reselections: int | None = None) -> str:
+    """"dycoke · 64 new tokens (63 decoding steps) · 5 reselections": the first token comes from the prefill."""
+    steps = len(trace["steps"])
+    text = f"{method} · {steps + 1} new tokens ({steps} decoding steps)"
+    return text if reselections is None else f"{text} · {reselections} reselections"
 
 
 def partial_trace(
@@ -103,7 +173,7 @@ def partial_trace(
     """A trace in the CLI contract's layout from what a stream has delivered so far, for `step_heatmap`.
 
     `steps` are {"kept_per_frame": [...], "reselected": bool} dicts, one per StepTrace received. Without
-    `ttm_kept_per_frame` (known only once the Result arrives) the TTM column is None: a gap, hover "pending".
+    `ttm_kept_per_frame` (known only once the Result arrives) the TTM column is None: blank.
     """
     frames = len(frame_times_s)
     for index, step in enumerate(steps):
@@ -139,7 +209,10 @@ def placeholder_figure(message: str, height: int = 260) -> go.Figure:
 
 TITLE_STRIP_PX = 22
 GAP_PX = 4
-BACKGROUND_RGB = (255, 255, 255)
+BACKGROUND_RGB = {False: (255, 255, 255), True: (17, 24, 39)}  # light, dark
+DESKTOP_PLOT_PX = 880  # the answers column's width in a desktop layout
+NARROW_PAGE_PX = 900  # below this the page stacks its columns: a plot spans the page
+MIN_THUMB_PX = 96  # a frame's label ("12.5 s · 58/196") must fit above its thumbnail
 
 
 def _shade_dropped(thumbnail: np.ndarray, keep_row: np.ndarray, patch_grid: int) -> np.ndarray:
@@ -169,8 +242,11 @@ def ttm_frames_figure(
     patch_grid: int = 14,
     max_cols: int = 8,
     thumb: int = 160,
+    dark: bool = False,
+    font_size: int = 11,
 ) -> go.Figure:
-    """Grid of frame thumbnails with the patches TTM dropped darkened and tinted red, as one composite image."""
+    """Grid of frame thumbnails with the patches TTM dropped darkened and tinted red, as one composite image;
+    each thumbnail's time and kept count in a strip above it."""
     frames = np.asarray(frames)
     keep_mask = np.asarray(keep_mask)
     num_frames, frame_h, frame_w = frames.shape[:3]
@@ -180,7 +256,7 @@ def ttm_frames_figure(
     cols = min(num_frames, max_cols)
     rows = math.ceil(num_frames / cols)
     cell_w, cell_h = thumb_w + GAP_PX, thumb_h + TITLE_STRIP_PX + GAP_PX
-    composite = Image.new("RGB", (cols * cell_w + GAP_PX, rows * cell_h + GAP_PX), BACKGROUND_RGB)
+    composite = Image.new("RGB", (cols * cell_w + GAP_PX, rows * cell_h + GAP_PX), BACKGROUND_RGB[dark])
 
     annotations = []
     for f in range(num_frames):
@@ -190,8 +266,8 @@ def ttm_frames_figure(
         composite.paste(Image.fromarray(_shade_dropped(small, keep_mask[f], patch_grid)), (left, top + TITLE_STRIP_PX))
         annotations.append({
             "x": left + thumb_w / 2, "y": top + TITLE_STRIP_PX / 2, "xref": "x", "yref": "y", "showarrow": False,
-            "text": f"t={float(timestamps[f]):.1f} s · kept {int(kept_per_frame[f])}/{patch_grid * patch_grid}",
-            "font": {"size": 11},
+            "text": f"{float(timestamps[f]):.1f} s · {int(kept_per_frame[f])}/{patch_grid * patch_grid}",
+            "font": {"size": font_size},
         })
 
     fig = go.Figure(go.Image(source=_png_data_uri(composite), hoverinfo="skip"))
@@ -199,101 +275,170 @@ def ttm_frames_figure(
         annotations=annotations, margin={"l": 0, "r": 0, "t": 0, "b": 0}, height=composite.height,
         xaxis={"visible": False}, yaxis={"visible": False},
     )
+    return themed(fig, dark)
+
+
+def plot_width(page_width: int | None) -> int:
+    """About how wide a plot in the answers column is drawn on a page `page_width` px wide."""
+    if not page_width:
+        return DESKTOP_PLOT_PX
+    if page_width < NARROW_PAGE_PX:
+        return max(240, int(page_width) - 40)
+    return min(DESKTOP_PLOT_PX, int(page_width * 0.7))
+
+
+def ttm_view(frames: np.ndarray, timestamps: list[float], method: str, trace: dict, metrics: dict,
+             page_width: int | None = None, dark: bool = False) -> go.Figure:
+    """The TTM frame view sized for the page: as many columns as fit thumbnails of at least MIN_THUMB_PX, the
+    composite as wide as the plot (so that plotly draws it at full size, with no empty bands), and a title."""
+    width = plot_width(page_width)
+    num_frames = len(frames)
+    cols = max(1, min(num_frames, 8, (width - GAP_PX) // (MIN_THUMB_PX + GAP_PX)))
+    thumb = (width - GAP_PX) // cols - GAP_PX
+    fig = ttm_frames_figure(frames, trace["ttm_keep_mask"], list(timestamps), trace["ttm_kept_per_frame"],
+                            max_cols=cols, thumb=thumb, dark=dark, font_size=10 if thumb < 130 else 11)
+    kept, total = metrics["visual_tokens_after_ttm"], metrics["visual_tokens_in"]
+    fig.update_layout(title={"text": f"{method}: {kept:,} of {total:,} visual tokens enter the language model "
+                                     f"({100 * kept / total:.0f}%)", "font": {"size": 13},
+                             "x": 0, "xanchor": "left", "y": 1, "yanchor": "top", "pad": {"t": 6}},
+                      margin={"l": 0, "r": 0, "t": 30, "b": 0}, height=fig.layout.height + 30)
     return fig
 
 
 # --- gauges -------------------------------------------------------------------------------------------
 
-
-def _memory_mb(metrics: dict) -> tuple[float | None, str]:
-    """Peak memory when measured, else the KV cache size; the label says which one it is."""
-    if metrics.get("peak_memory_bytes") is not None:
-        return metrics["peak_memory_bytes"] / BYTES_PER_MB, "peak memory (MB)"
-    if metrics.get("kv_cache_bytes") is not None:
-        return metrics["kv_cache_bytes"] / BYTES_PER_MB, "KV cache (MB)"
-    return None, "memory (MB)"
+BETTER, WORSE, NEUTRAL, COMPARISON_GREY = "#2e9d57", "#d9534f", "#6b7a90", "#9ca3af"
+SAME_WITHIN = 0.03  # ratios within 3% of 1 read as "the same": one run's timings are noisier than that
 
 
-def _visual_attended_percent(metrics: dict) -> float | None:
-    attended, total = metrics.get("visual_tokens_attended_mean"), metrics.get("visual_tokens_in")
-    if attended is None or not total:
-        return None
-    return 100.0 * attended / total
+@dataclass(frozen=True)
+class Quantity:
+    """One gauge: a figure from the metrics, its unit, and which way is better."""
+
+    key: str
+    title: str
+    unit: str
+    value: float | None
+    lower_is_better: bool
+    number_format: str
+    timed: bool  # a timing, which varies from run to run (token counts do not)
 
 
-def _side_quantities(metrics: dict) -> list[tuple[str, str, float | None, str]]:
-    """(key, title, value, number format) for each gauge of one side."""
-    memory, memory_title = _memory_mb(metrics)
+def _memory(metrics: dict, use_peak: bool) -> tuple[float | None, str]:
+    key, title = ("peak_memory_bytes", "peak memory") if use_peak else ("kv_cache_bytes", "KV cache")
+    value = metrics.get(key)
+    return (None if value is None else value / BYTES_PER_MB), title
+
+
+def _quantities(metrics: dict, use_peak: bool) -> list[Quantity]:
+    memory, memory_title = _memory(metrics, use_peak)
     return [
-        ("ttft_ms", "TTFT (ms)", metrics.get("ttft_ms"), ".0f"),
-        ("decode_tokens_per_s", "decode tokens/s", metrics.get("decode_tokens_per_s"), ".1f"),
-        ("memory_mb", memory_title, memory, ".1f"),
-        ("visual_attended_pct", "visual tokens attended (%)", _visual_attended_percent(metrics), ".1f"),
+        Quantity("ttft_ms", "time to first token", "ms", metrics.get("ttft_ms"), True, ",.0f", True),
+        Quantity("decode_tokens_per_s", "decode speed", "tokens/s", metrics.get("decode_tokens_per_s"), False,
+                 ",.1f", True),
+        Quantity("memory_mb", memory_title, "MB", memory, True, ",.1f", False),
+        Quantity("visual_attended", "visual tokens per step", "attended",
+                 metrics.get("visual_tokens_attended_mean"), True, ",.0f", False),
     ]
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or not denominator:
+def _uses_peak(*sides: dict) -> bool:
+    return all(side.get("peak_memory_bytes") is not None for side in sides)
+
+
+def gain(method: float | None, comparison: float | None, lower_is_better: bool) -> float | None:
+    """How many times better the method is than the comparison (above 1: better), or None when unknown."""
+    if method is None or comparison is None or method <= 0 or comparison <= 0:
         return None
-    return numerator / denominator
+    return comparison / method if lower_is_better else method / comparison
 
 
-def _comparisons(reference_metrics: dict, other_metrics: dict) -> list[tuple[str, str, float | None]]:
-    """(key, title, ratio) of reference over other: above 1 means the other side is faster / lighter."""
-    if reference_metrics.get("peak_memory_bytes") is not None and other_metrics.get("peak_memory_bytes") is not None:
-        memory_key, memory_name = "peak_memory_bytes", "peak memory"
-    else:
-        memory_key, memory_name = "kv_cache_bytes", "KV cache"
-    return [
-        ("speedup", "speed-up (total time)", _ratio(reference_metrics.get("total_ms"), other_metrics.get("total_ms"))),
-        ("memory_ratio", f"{memory_name} lower by",
-         _ratio(reference_metrics.get(memory_key), other_metrics.get(memory_key))),
-    ]
+def direction_colour(ratio: float | None) -> str:
+    if ratio is None or abs(ratio - 1) <= SAME_WITHIN:
+        return NEUTRAL
+    return BETTER if ratio > 1 else WORSE
 
 
-def _gauge(name: str, title: str, value: float | None, number_format: str, axis_max: float | None) -> go.Indicator:
-    if value is None:
-        return go.Indicator(name=name, mode="gauge", title={"text": f"{title}<br>n/a"}, gauge={"axis": {"range": [0, 1]}})
-    return go.Indicator(
-        name=name, mode="gauge+number", value=float(value), title={"text": title},
-        number={"valueformat": number_format}, gauge={"axis": {"range": [0, axis_max]}},
-    )
+def _times(ratio: float) -> str:
+    return f"{ratio:.2f}×" if ratio < 1.1 else f"{ratio:.1f}×"
 
 
-def _ratio_indicator(name: str, title: str, value: float | None) -> go.Indicator:
-    if value is None:
-        return go.Indicator(name=name, mode="number", title={"text": f"{title}<br>n/a"})
-    return go.Indicator(
-        name=name, mode="number+delta", value=float(value), title={"text": title},
-        number={"valueformat": ".2f", "suffix": "×"}, delta={"reference": 1, "valueformat": ".2f"},
-    )
+def gauges_figure(method: str, metrics: dict, comparison: str | None = None, comparison_metrics: dict | None = None,
+                  dark: bool = False) -> go.Figure:
+    """One row per figure (time to first token, decode speed, memory, visual tokens attended): the method's bar,
+    coloured by whether it is better or worse than the comparison, the comparison's bar in grey, and a tick on
+    the method's bar at the comparison's value. Titles sit on a line of their own above each row."""
+    sides = [metrics] + ([comparison_metrics] if comparison_metrics is not None else [])
+    use_peak = _uses_peak(*sides)
+    if comparison == method:  # one bar each, even when a method is compared with itself
+        comparison = f"{comparison} (comparison)"
+    ours = _quantities(metrics, use_peak)
+    theirs = _quantities(comparison_metrics, use_peak) if comparison_metrics is not None else [None] * len(ours)
+    titles = []
+    for mine, other in zip(ours, theirs):
+        arrow = "lower is better" if mine.lower_is_better else "higher is better"
+        title = f"<b>{mine.title}</b> ({mine.unit}; {arrow})"
+        ratio = gain(mine.value, other.value if other else None, mine.lower_is_better)
+        if ratio is not None:
+            title += f" · <b>{_times(ratio)}</b>"
+        titles.append(title)
+    fig = make_subplots(rows=len(ours), cols=1, subplot_titles=titles, vertical_spacing=0.12)
+    for row, (mine, other) in enumerate(zip(ours, theirs), start=1):
+        ratio = gain(mine.value, other.value if other else None, mine.lower_is_better)
+        bars = ([(comparison, other.value, COMPARISON_GREY)] if other is not None else []) + \
+               [(method, mine.value, direction_colour(ratio))]
+        names = [name for name, _, _ in bars]
+        values = [value for _, value, _ in bars]
+        known = [value for value in values if value is not None]
+        fig.add_trace(go.Bar(
+            name=f"{method}/{mine.key}", orientation="h", y=names, x=[0 if v is None else v for v in values],
+            marker={"color": [colour for _, _, colour in bars]}, width=0.6,
+            text=["n/a" if v is None else format(v, mine.number_format) for v in values],
+            textposition="outside", cliponaxis=False, hoverinfo="skip", showlegend=False,
+        ), row=row, col=1)
+        if other is not None and other.value is not None:
+            fig.add_trace(go.Scatter(
+                name=f"{comparison}/{mine.key}", x=[other.value], y=[method], mode="markers", showlegend=False,
+                marker={"symbol": "line-ns", "size": 22, "line": {"width": 3, "color": COMPARISON_GREY}},
+                hovertemplate=f"{comparison}: %{{x:{mine.number_format}}} {mine.unit}<extra></extra>",
+            ), row=row, col=1)
+        fig.update_xaxes(range=[0, 1.3 * max(known, default=1.0) or 1.0], visible=False, row=row, col=1)
+        fig.update_yaxes(autorange="reversed", automargin=True, row=row, col=1)
+    fig.update_annotations(font={"size": 12}, x=0, xanchor="left")
+    fig.update_layout(height=100 * len(ours) + 20, margin={"l": 8, "r": 8, "t": 28, "b": 4}, bargap=0.2)
+    return themed(fig, dark)
 
 
-def gauges_figure(sides: dict[str, dict], reference: str | None = None) -> go.Figure:
-    """One row of gauges per side (TTFT, tokens/s, memory, visual tokens attended), plus ratios vs `reference`."""
-    if not sides:
-        return go.Figure()
-    quantities = {side: _side_quantities(metrics) for side, metrics in sides.items()}
-    # Sides share each gauge's scale so the needles compare at a glance.
-    axis_max = {}
-    for key, *_ in next(iter(quantities.values())):
-        values = [value for side in quantities for k, _, value, _ in quantities[side] if k == key and value is not None]
-        axis_max[key] = 100.0 if key == "visual_attended_pct" else 1.2 * max(values, default=0.0) or 1.0
+def headline(method: str, metrics: dict, comparison: str | None = None, comparison_metrics: dict | None = None,
+             same_answer: bool | None = None) -> str:
+    """One line that reads at a glance: "dycoke vs baseline: 2.4× faster to first token, 1.7× less KV cache,
+    same answer.", then a note that timings are from a single run each."""
+    if comparison_metrics is None:
+        ttft = metrics.get("ttft_ms")
+        first = "n/a" if ttft is None else f"{ttft:,.0f} ms"
+        return (f"**{method}: {first} to the first token, "
+                f"{metrics.get('visual_tokens_attended_mean', 0):,.0f} visual tokens attended per step** "
+                "(no comparison run). Timings are from this single run.")
+    use_peak = _uses_peak(metrics, comparison_metrics)
+    speed = gain(metrics.get("ttft_ms"), comparison_metrics.get("ttft_ms"), True)
+    mine, _ = _memory(metrics, use_peak)
+    theirs, memory_title = _memory(comparison_metrics, use_peak)
+    memory = gain(mine, theirs, True)
+    parts = [_compared(speed, "faster to first token", "slower to first token", "as fast to first token"),
+             _compared(memory, f"less {memory_title}", f"more {memory_title}", f"the same {memory_title}")]
+    if same_answer is not None:
+        parts.append("same answer" if same_answer else "different answer")
+    text = ", ".join(part for part in parts if part)
+    return (f"**{method} vs {comparison}: {text}.** Timings are from a single run of each, one after the other, "
+            "so they vary from run to run; token counts and memory are exact.")
 
-    others = [side for side in sides if side != reference] if reference in sides else []
-    num_cols = 4
-    specs = [[{"type": "domain"}] * num_cols for _ in range(len(sides) + len(others))]
-    row_titles = list(sides) + [f"{other} vs {reference}" for other in others]
-    fig = make_subplots(rows=len(specs), cols=num_cols, specs=specs, row_titles=row_titles,
-                        vertical_spacing=min(0.12, 0.5 / len(specs)))
-    for row, (side, side_quantities) in enumerate(quantities.items(), start=1):
-        for col, (key, title, value, number_format) in enumerate(side_quantities, start=1):
-            fig.add_trace(_gauge(f"{side}/{key}", title, value, number_format, axis_max[key]), row=row, col=col)
-    for row, other in enumerate(others, start=len(sides) + 1):
-        for col, (key, title, value) in enumerate(_comparisons(sides[reference], sides[other]), start=1):
-            fig.add_trace(_ratio_indicator(f"{other}/{key}", title, value), row=row, col=col)
-    fig.update_layout(height=230 * len(specs), margin={"l": 30, "r": 60, "t": 40, "b": 20})
-    return fig
+
+def _compared(ratio: float | None, better: str, worse: str, same: str) -> str:
+    if ratio is None:
+        return ""
+    if abs(ratio - 1) <= SAME_WITHIN:
+        return same
+    return f"{_times(ratio)} {better}" if ratio > 1 else f"{_times(1 / ratio)} {worse}"
 
 
 # --- benchmark -----------------------------------------------------------------------------------------
@@ -318,3 +463,44 @@ def bench_figure(rows: list[dict]) -> go.Figure:
     fig.update_yaxes(title_text="latency (ms)", row=1, col=1)
     fig.update_yaxes(title_text=memory_title, row=1, col=2)
     return fig
+
+
+# --- text ----------------------------------------------------------------------------------------------
+
+
+def _knob_value(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def settings_line(method: "Method", config: "DyCokeConfig", num_frames: int, max_new_tokens: int,
+                  tokens_per_frame: int) -> str:
+    """The knobs `method` really uses, by their page labels, with a matched drop ratio resolved for this clip."""
+    from dycoke.methods import configured_values  # viz formats; methods knows what a method's knobs hold
+
+    resolved = method.resolve(config, num_frames, tokens_per_frame)
+    parts = [f"{knob.label} {_knob_value(value)}" for knob, value in configured_values(resolved, config)]
+    match = getattr(resolved, "match", None)
+    if match is not None:
+        parts.append(f"matched to {match}'s budget")
+    if not parts:
+        parts.append("no compression")
+    return " · ".join(parts + [f"{num_frames} frames", f"≤{max_new_tokens} new tokens"])
+
+
+def _mb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / BYTES_PER_MB:.1f} MB"
+
+
+def stats_line(metrics: dict) -> str:
+    """A run's figures in one short markdown paragraph."""
+    tokens_per_s = metrics.get("decode_tokens_per_s")
+    memory = (f"peak memory {_mb(metrics['peak_memory_bytes'])}" if metrics.get("peak_memory_bytes") is not None
+              else f"KV cache {_mb(metrics.get('kv_cache_bytes'))}")
+    speed = "n/a" if tokens_per_s is None else f"{tokens_per_s:.1f}"
+    line = (f"TTFT **{metrics['ttft_ms']:,.0f} ms** · decode **{speed} tok/s** · {metrics['new_tokens']} new tokens · "
+            f"visual tokens {metrics['visual_tokens_in']:,} → {metrics['visual_tokens_after_ttm']:,} → "
+            f"**{metrics['visual_tokens_attended_mean']:,.0f}** attended per step · {memory} · "
+            f"{metrics['reselections']} reselections")
+    if metrics.get("prefix_reused"):
+        line += f" · video prefix reused: {metrics['prefill_tokens']:,} new tokens prefilled"
+    return line

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,7 @@ sys.path.insert(0, str(ROOT))  # app.py sits at the repository root, outside the
 
 import app  # noqa: E402
 from dycoke.config import DyCokeConfig  # noqa: E402
+from dycoke.methods import matchable_names  # noqa: E402
 from dycoke.models import ModelLoadError  # noqa: E402
 from dycoke.video import VideoClip  # noqa: E402
 
@@ -97,9 +99,10 @@ def figure(value) -> dict:
 
 
 def heatmap_z(value) -> np.ndarray:
-    heatmaps = [trace for trace in figure(value)["data"] if trace["type"] == "heatmap"]
-    assert len(heatmaps) == 1
-    return np.array([[np.nan if cell is None else cell for cell in row] for row in heatmaps[0]["z"]], dtype=float)
+    """The grid's cells as the share of each frame's tokens kept (the figure holds counts out of 196)."""
+    grids = [trace for trace in figure(value)["data"] if trace["type"] == "heatmap" and trace["name"] == "kept"]
+    assert len(grids) == 1
+    return np.array([[np.nan if cell is None else cell / 196 for cell in row] for row in grids[0]["z"]], dtype=float)
 
 
 # --- the main flow -----------------------------------------------------------------------------------------
@@ -111,7 +114,10 @@ def test_answers_stream_then_follow_up_reuses_the_decoded_frames(client, street,
 
     # Streaming: partial answers for both panes arrive before the final outputs.
     partial_comparison = [o for o in outputs[:-1] if assistant_texts(o["comparison_chat"])]
-    partial_method = [o for o in outputs[:-1] if assistant_texts(o["method_chat"])]
+    # While the comparison runs, the method's pane says it waits for it; then it streams its own answer.
+    assert assistant_texts(outputs[0]["method_chat"]) == [app.WAITING]
+    partial_method = [o for o in outputs[:-1] if assistant_texts(o["method_chat"])
+                      and assistant_texts(o["method_chat"])[-1] != app.WAITING]
     assert len(outputs) >= 4, f"expected several streamed outputs, got {len(outputs)}"
     assert partial_comparison and partial_method
     comparison_answer = assistant_texts(final["comparison_chat"])[-1]
@@ -134,12 +140,21 @@ def test_answers_stream_then_follow_up_reuses_the_decoded_frames(client, street,
     assert method_z[0, 0] == 1 and (method_z[1:4, 0] < 1).all()  # TTM: W=4, frame 0 is the window's reference
     assert (method_z[:, 1:] < 1).all()  # DP attends to a subset at every step
 
-    # Gauges for both sides and the ratios; the TTM view is one image.
+    # Gauges for both sides, the comparison marked on the method's bars; a headline; the TTM view is one image.
     names = {trace.get("name") for trace in figure(final["gauges"])["data"]}
-    assert {"baseline/ttft_ms", "dycoke/ttft_ms", "dycoke/decode_tokens_per_s", "dycoke/speedup"} <= names
+    assert {"baseline/ttft_ms", "dycoke/ttft_ms", "dycoke/decode_tokens_per_s", "dycoke/visual_attended"} <= names
+    assert final["headline"].startswith("**dycoke vs baseline: ") and "single run" in final["headline"]
     assert [trace["type"] for trace in figure(final["ttm_view"])["data"]] == ["image"]
     assert "`baseline`" in final["comparison_header"] and "`dycoke`" in final["method_header"]
-    assert "K 0.70" in final["method_header"] and "8 frames" in final["method_header"]
+    assert "merge ratio K 0.70" in final["method_header"] and "8 frames" in final["method_header"]
+
+    # The run's numbers to download: both results in the CLI's JSON contract.
+    download = final["download"]
+    path = download["value"]["path"] if isinstance(download.get("value"), dict) else download["value"]
+    run = json.loads(Path(path).read_text())
+    assert set(run) == {"comparison", "method"}
+    assert run["method"]["answer"] == method_answer and run["comparison"]["method"] == "baseline"
+    assert set(run["method"]) == {"answer", "model", "method", "config", "metrics", "trace"}
     assert "TTFT" in final["comparison_stats"] and "TTFT" in final["method_stats"]
     assert "Decoded 8 frames" in final["status"]
     assert final["question"] == ""
@@ -149,6 +164,9 @@ def test_answers_stream_then_follow_up_reuses_the_decoded_frames(client, street,
     follow = latest(ask(client, street, "And then?"))
     assert len(decode_calls) == 1, "the follow-up decoded the video again"
     assert "Reused the 8 decoded frames" in follow["status"]
+    assert "Turn 2: the model sees the 1 earlier turn" in follow["status"]
+    # Both panes continue their conversation: the video prefix is reused, only the new turn is prefilled.
+    assert "video prefix reused" in follow["method_stats"] and "video prefix reused" in follow["comparison_stats"]
     assert user_texts(follow["method_chat"]) == ["What happens in this video?", "And then?"]
     assert user_texts(follow["comparison_chat"]) == ["What happens in this video?", "And then?"]
     assert len(assistant_texts(follow["method_chat"])) == 2
@@ -209,11 +227,99 @@ def test_settings_are_checked_behind_the_controls(served, overrides, expected):
 
 
 def test_settings_become_plain_numbers(served):
-    config, frames, tokens = served[0].dycoke._settings(**(
+    settings = served[0].dycoke._settings(**(
         {key: value for key, value in FAST.items() if key != "ignore_eos"}
         | {"prune_layer": 2.0, "window": "4", "num_frames": 8.0, "max_new_tokens": 8.0}))
+    config = settings.config
     assert type(config.prune_layer) is int and type(config.window) is int and config.prune_layer == 2
-    assert type(frames) is int and type(tokens) is int and type(config.merge_ratio) is float
+    assert type(settings.num_frames) is int and type(settings.max_new_tokens) is int
+    assert type(config.merge_ratio) is float
+    assert [method.name for method in settings.methods.values()] == ["baseline", "dycoke"]
+
+
+def test_peers_match_dycokes_budget_unless_switched_off(served):
+    handlers = served[0].dycoke
+    base = {key: value for key, value in FAST.items() if key != "ignore_eos"} | {"method": "fastv", "fastv_ratio": 0.2}
+    matched = handlers._settings(**base).methods["method"]
+    assert matched.match == "dycoke" and matched.budget(DyCokeConfig(), 8, 196).attended == 222  # 8 frames, by hand
+    own = handlers._settings(**base, match_budget=False).methods["method"]
+    assert own.match is None and own.ratio == 0.2
+
+
+@pytest.mark.parametrize(("method", "compare", "match", "expected"), [
+    ("dycoke", "baseline", True, {"merge_ratio", "window", "prune_layer", "prune_ratio", "reselect_threshold"}),
+    ("ttm", "none", True, {"merge_ratio", "window"}),
+    ("baseline", "none", True, set()),
+    ("fastv", "baseline", False, {"fastv_layer", "fastv_ratio"}),
+    # Matched to DyCoke, a peer's own ratio is set by DyCoke's budget, which its K, W and P set.
+    ("fastv", "baseline", True, {"fastv_layer", "merge_ratio", "window", "prune_ratio"}),
+    ("random", "none", False, {"drop_ratio", "seed"}),
+    ("visionzip", "dp", False, {"visionzip_dominant", "visionzip_contextual", "prune_layer", "prune_ratio",
+                                "reselect_threshold"}),
+])
+def test_the_settings_panel_shows_exactly_the_selected_methods_knobs(method, compare, match, expected):
+    match_switch, *knobs = app.shown_controls(method, compare, match)
+    shown = {knob.name for knob, update in zip(app.all_knobs(), knobs) if update["visible"]}
+    assert shown == expected
+    assert match_switch["visible"] == (method in matchable_names() or compare in matchable_names())
+
+
+def test_labels_on_the_page_name_each_knob_once(served):
+    labels = [c["props"].get("label") for c in served[0].config["components"] if c["props"].get("label")]
+    knob_labels = [knob.label for knob in app.all_knobs()]
+    assert all(labels.count(label) == 1 for label in knob_labels)
+    header = app.pane_header("Method", app.get_method("fastv"), DyCokeConfig(), 8, 8, 196)
+    assert "FastV layer 2" in header and " K " not in header.replace("merge ratio K", "")
+
+
+def test_a_non_video_upload_gets_the_apps_message_when_it_arrives(served, tmp_path, monkeypatch):
+    handlers = served[0].dycoke
+    monkeypatch.setattr(handlers, "upload_roots", (tmp_path.resolve(),))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("this is not a video\n")
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"not an mp4 at all" * 100)
+    for path in (notes, fake):
+        shown = dict(zip(app.OUTPUTS, handlers.new_video(str(path))))
+        assert "The uploaded video is not a readable video" in shown["error"], shown["error"]
+        assert path.name not in shown["error"]
+        assert str(tmp_path) not in shown["error"]
+    video = tmp_path / "ok.mp4"
+    video.write_bytes((app.EXAMPLES_DIR / "scene_cut.mp4").read_bytes())
+    shown = dict(zip(app.OUTPUTS, handlers.new_video(str(video))))
+    assert shown["error"] == "" and "New conversation about `ok.mp4`" in shown["status"]
+
+
+def test_a_512_step_64_frame_run_streams_updates_under_100_kb(client, street):
+    outputs = ask(client, street, "Describe it.", compare="none", num_frames=64, max_new_tokens=512)
+    live = [output for output in outputs[:-1] if output["method_heatmap"] != SKIPPED]
+    assert len(live) >= 3, "expected several live heatmap updates"
+    sizes = [len(json.dumps(output).encode()) for output in outputs[:-1]]
+    assert max(sizes) < 100_000, f"largest live update {max(sizes):,} bytes"
+    final = heatmap_z(latest(outputs)["method_heatmap"])
+    # 511 decoding steps: 5 per column, 103 columns, after the TTM column; every cell drawn.
+    assert final.shape == (64, 1 + 103) and not np.isnan(final).any()
+
+
+def test_stop_keeps_the_partial_answer_and_regenerate_asks_again(client, street):
+    settings = FAST | {"compare": "none", "max_new_tokens": 400}
+    job = client.submit(video=handle_file(street), question="Tell me everything.", api_name="/ask", **settings)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not job.done():
+        if any(assistant_texts(dict(zip(app.OUTPUTS, output))["method_chat"]) for output in job.outputs()):
+            break
+        time.sleep(0.05)
+    client.predict(api_name="/stop")
+    final = latest([dict(zip(app.OUTPUTS, output)) for output in job])
+    job.result()
+    stopped = assistant_texts(final["method_chat"])[-1]
+    assert stopped.endswith("(stopped)") and "Stopped" in final["status"]
+    assert not [thread for thread in threading.enumerate() if thread.name == "dycoke-generate"]
+
+    regenerated = latest([dict(zip(app.OUTPUTS, output)) for output in client.submit(
+        video=handle_file(street), api_name="/regenerate", **(settings | {"max_new_tokens": 6}))])
+    assert user_texts(regenerated["method_chat"]) == ["Tell me everything."]
+    assert not assistant_texts(regenerated["method_chat"])[-1].endswith("(stopped)")
 
 
 def test_compare_none_runs_the_method_alone(client, street, decode_calls):
@@ -221,9 +327,10 @@ def test_compare_none_runs_the_method_alone(client, street, decode_calls):
     assert assistant_texts(final["method_chat"])
     assert "comparison_chat" not in final or not assistant_texts(final["comparison_chat"])
     names = {trace.get("name") for trace in figure(final["gauges"])["data"]}
-    assert "ttm/ttft_ms" in names and not any(name.endswith("/speedup") for name in names if name)
-    assert "`ttm`" in final["method_header"] and "K 0.70 · W 4" in final["method_header"]
-    assert "P 0.70" not in final["method_header"]  # ttm does not prune
+    assert "ttm/ttft_ms" in names and not any(trace["type"] == "scatter" for trace in figure(final["gauges"])["data"])
+    assert "`ttm`" in final["method_header"] and "merge ratio K 0.70 · window W 4" in final["method_header"]
+    assert "prune ratio P" not in final["method_header"]  # ttm does not prune
+    assert "no comparison" in final["headline"]
 
 
 def test_clear_resets_the_conversation(client, street):
@@ -242,9 +349,9 @@ def test_server_side_settings_only(served):
     labels = {component.get("props", {}).get("label") for component in config["components"]}
     assert "Method (right pane)" in labels and not any(label and "model" in label.lower() for label in labels)
     on_gpu = [fn for fn in served[0].fns.values() if fn.concurrency_id == app.GPU_QUEUE]
-    # Enter and Send: REQUEST_SLOTS requests validate and decode at once; the model runs one at a time
-    assert len(on_gpu) == 2 and all(fn.concurrency_limit == app.REQUEST_SLOTS for fn in on_gpu)
-    assert {fn.name for fn in on_gpu} == {"ask"}
+    # Enter, Send and Regenerate: REQUEST_SLOTS requests validate and decode at once; the model runs one at a time
+    assert len(on_gpu) == 3 and all(fn.concurrency_limit == app.REQUEST_SLOTS for fn in on_gpu)
+    assert {fn.name for fn in on_gpu} == {"ask", "regenerate"}
     assert served[0]._queue.max_size == app.QUEUE_MAX_SIZE
 
 
@@ -314,10 +421,15 @@ def test_model_runs_are_wrapped_in_spaces_gpu_when_spaces_is_importable(pipeline
 
 def test_headers_show_only_the_knobs_a_method_uses():
     config = DyCokeConfig()
-    assert app.settings_text("baseline", config, 32, 64) == "no compression · 32 frames · ≤64 new tokens"
-    assert app.settings_text("dycoke", config, 32, 64).startswith("K 0.70 · W 4 · L 3 · P 0.70 · τ 0.90")
-    assert app.settings_text("dp", config, 8, 16).startswith("L 3 · P 0.70")
-    assert "none" in app.pane_header("Comparison", "none", config, 8, 8)
+    line = app.viz.settings_line
+    assert line(app.get_method("baseline"), config, 32, 64, 196) == "no compression · 32 frames · ≤64 new tokens"
+    assert line(app.get_method("dycoke"), config, 32, 64, 196).startswith(
+        "merge ratio K 0.70 · window W 4 · pruning layer L 3 · prune ratio P 0.70 · reselect threshold τ 0.90")
+    assert line(app.get_method("dp"), config, 8, 16, 196).startswith("pruning layer L 3 · prune ratio P 0.70")
+    # random matches DyCoke by default: at 32 frames DyCoke attends 888 of 6,272 tokens, a drop ratio of 0.86.
+    assert line(app.get_method("random"), config, 32, 64, 196).startswith(
+        "drop ratio 0.86 · random seed 0 · matched to dycoke's budget")
+    assert "none" in app.pane_header("Comparison", None, config, 8, 8, 196)
 
 
 def test_arguments_and_environment(monkeypatch):

@@ -1,13 +1,13 @@
-"""The app in a real browser: Debian's chromium driven by Playwright for Python.
+"""The app in a real browser: Debian's chromium driven by Playwright for Python, at 1280 px and 390 px, light and dark.
 
-Set DYCOKE_SCREENSHOT=1 to write the README's screenshot to assets/screenshot.png; otherwise it goes to the
-test's temporary directory, so that running the tests never rewrites a tracked file.
+Set DYCOKE_SCREENSHOT=1 to write the README's screenshots (assets/screenshot.png, the desktop in light mode, and
+assets/screenshot-phone.png, the phone in dark mode); otherwise every screenshot goes to the test's temporary
+directory, so that running the tests never rewrites a tracked file.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -16,10 +16,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # app.py sits at the repository root, outside the installed package
 
+from conftest import serving  # noqa: E402
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update"]
-TIMEOUT_MS = 120_000
+TIMEOUT_MS = 600_000
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+README_SHOTS = {("desktop", "light"): "screenshot.png", ("phone", "dark"): "screenshot-phone.png"}
 
 pytestmark = pytest.mark.browser
 
@@ -30,95 +35,159 @@ def _skip(reason: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def sync_playwright():
+def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _skip("playwright is not installed (pip install playwright)")
     if not CHROMIUM.exists():
         _skip(f"{CHROMIUM} is absent (apt-get install chromium)")
-    return sync_playwright
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
 
 
 @pytest.fixture(scope="module")
 def app_url(pipeline):
-    import app
-
-    demo = app.build_app(pipeline)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app.launch_app(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serving(pipeline) as (_, url):
+        yield url
 
 
-def plot_rendered(page, elem_id: str, layer: str) -> bool:
-    """The gradio Plot `elem_id` holds a plotly graph that drew `layer` (an SVG class or element selector)."""
-    return page.locator(f"#{elem_id} .js-plotly-plot {layer}").count() > 0
+def open_page(browser, app_url: str, viewport: dict, theme: str, problems: list[str]):
+    context = browser.new_context(viewport=viewport, color_scheme=theme, device_scale_factor=1)
+    page = context.new_page()
+    page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}")
+            if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_url)
+    page.locator("#model-banner").wait_for()
+    return context, page
 
 
-def test_upload_ask_and_see_both_answers_and_the_figures(sync_playwright, app_url, tmp_path):
-    # The project's own synthetic clip: the screenshot goes into the README, and third-party media must not.
-    video = ROOT / "assets" / "examples" / "scene_cut.mp4"
+def drawn(page, elem_id: str, layer: str) -> int:
+    """How many `layer` elements (an SVG selector) the plotly graph in gradio Plot `elem_id` drew."""
+    return page.locator(f"#{elem_id} .js-plotly-plot {layer}").count()
+
+
+def overlapping_texts(page, elem_id: str) -> list[tuple[str, str]]:
+    """Pairs of texts in the plot `elem_id` (titles, bar numbers, axis labels) whose bounding boxes intersect."""
+    return page.evaluate("""(id) => {
+        const nodes = [...document.querySelectorAll(
+            `#${id} .js-plotly-plot .annotation-text, #${id} .js-plotly-plot text.bartext,
+             #${id} .js-plotly-plot .ytick text`)].filter(n => n.textContent.trim());
+        const boxes = nodes.map(n => [n.textContent, n.getBoundingClientRect()]);
+        const hits = [];
+        for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+            const [a, p] = boxes[i], [b, q] = boxes[j];
+            if (p.left < q.right - 1 && q.left < p.right - 1 && p.top < q.bottom - 1 && q.top < p.bottom - 1)
+                hits.push([a, b]);
+        }
+        return hits;
+    }""", elem_id)
+
+
+def in_view(page, selector: str) -> bool:
+    return page.evaluate("""(sel) => { const r = document.querySelector(sel).getBoundingClientRect();
+        return r.top >= -1 && r.top < window.innerHeight; }""", selector)
+
+
+def ask_about_the_scene_cut(page) -> None:
+    page.locator("#video input[type=file]").set_input_files(str(ROOT / "assets" / "examples" / "scene_cut.mp4"))
+    page.wait_for_function("document.querySelector('#status-line').innerText.includes('New conversation about')")
+    question = page.locator("#question textarea")
+    question.fill("What changes halfway through the video?")
+    page.locator("#send").click()
+
+
+def wait_for_the_run(page) -> None:
+    page.wait_for_function("document.querySelector('#method-stats').innerText.includes('TTFT')")
+    page.wait_for_function("document.querySelector('#ttm-view .js-plotly-plot') !== null")
+    page.wait_for_function("document.querySelector('#gauges .js-plotly-plot .barlayer') !== null")
+    page.wait_for_timeout(500)
+
+
+@pytest.mark.parametrize("size", ["desktop", "phone"])
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_a_full_run_reads_well_at_each_size_and_theme(browser, app_url, tmp_path, size, theme):
     problems: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}")
-                    if message.type == "error" else None)
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.set_default_timeout(TIMEOUT_MS)
+    context, page = open_page(browser, app_url, DESKTOP if size == "desktop" else PHONE, theme, problems)
+    try:
+        banner = page.locator("#model-banner")
+        assert "tiny random weights" in banner.inner_text() and "mean nothing" in banner.inner_text()
+        if theme == "dark":  # the banner's text stays readable: light text on the dark page
+            page.wait_for_function("document.body.classList.contains('dark')")
+            colour = page.evaluate("getComputedStyle(document.querySelector('#model-banner p')).color")
+            assert colour == "rgb(255, 224, 184)", colour
 
-            page.goto(app_url)
-            banner = page.locator("#model-banner")
-            banner.wait_for()
-            assert "tiny random weights" in banner.inner_text()
-            assert "mean nothing" in banner.inner_text()
+        ask_about_the_scene_cut(page)
+        if size == "phone":  # Send brings the answers into view, past the inputs stacked above them
+            page.locator("#method-chat [data-testid='user']").first.wait_for()
+            assert in_view(page, "#answers"), "the answers are not in view after Send"
+        wait_for_the_run(page)
+        assert page.locator("#comparison-chat [data-testid='bot']").last.inner_text().strip()
+        assert page.locator("#method-chat [data-testid='bot']").last.inner_text().strip()
+        assert page.locator("#question textarea").input_value() == ""
 
-            page.locator("#video input[type=file]").set_input_files(str(video))
-            page.locator("#video video").wait_for()  # uploaded and shown
-            question = page.locator("#question textarea")
-            question.fill("What changes halfway through the video?")
-            question.press("Enter")
+        # Every plot drew: heatmap cells (plotly draws a heatmap as an image), gauge bars, the frames image.
+        for pane in ("comparison-heatmap", "method-heatmap"):
+            assert drawn(page, pane, "g.hm image") >= 1, f"{pane}: no cells drawn"
+        assert drawn(page, "gauges", ".barlayer .point path") >= 8, "gauges: no bars drawn"
+        assert drawn(page, "ttm-view", "g.imagelayer image") == 1
+        assert not overlapping_texts(page, "gauges"), overlapping_texts(page, "gauges")
+        assert "dycoke vs baseline" in page.locator("#headline").inner_text()
+        assert page.locator("#download").is_visible()
+        if theme == "dark":  # plots follow the theme: transparent, with light text
+            fill = page.evaluate("getComputedStyle(document.querySelector('#gauges .annotation-text')).fill")
+            assert fill == "rgb(229, 231, 235)", fill
 
-            # Both panes stream text, then the stats line marks the end of the method's run.
-            page.locator("#comparison-chat [data-testid='bot']").first.wait_for()
-            page.locator("#method-chat [data-testid='bot']").first.wait_for()
-            page.wait_for_function("document.querySelector('#method-stats').innerText.includes('TTFT')")
-            page.wait_for_function("document.querySelector('#ttm-view .js-plotly-plot') !== null")
-            assert page.locator("#comparison-chat [data-testid='bot']").first.inner_text().strip()
-            assert page.locator("#method-chat [data-testid='bot']").first.inner_text().strip()
+        shot = README_SHOTS.get((size, theme))
+        target = (ROOT / "assets" / shot) if shot and os.environ.get("DYCOKE_SCREENSHOT") \
+            else tmp_path / f"screenshot-{size}-{theme}.png"
+        page.locator("#answers").scroll_into_view_if_needed()
+        page.screenshot(path=str(target), full_page=True)
+        print(f"screenshot: {target}")
+    finally:
+        context.close()
+    assert not problems, "errors in the browser:\n" + "\n".join(problems)
 
-            # gradio's bundled plotly.js draws the plotly 6 figures: heatmap cells, gauges, the frames image.
-            for pane in ("comparison-heatmap", "method-heatmap"):
-                assert plot_rendered(page, pane, "g.hm image"), f"{pane}: no heatmap drawn"
-                assert "TTM" in (page.locator(f"#{pane} .xtick").first.text_content() or "")
-            numbers = page.locator("#gauges .js-plotly-plot .indicatorlayer text.number")
-            assert numbers.count() == 10  # 2 runs × 4 gauges, and 2 ratios
-            assert plot_rendered(page, "ttm-view", "g.imagelayer image")
-            assert "Decoded" in page.locator("#status-line").inner_text()
-            assert page.locator("#question textarea").input_value() == ""
 
-            page.get_by_text("Settings", exact=True).click()  # show every control in the screenshot
-            page.locator("#method-heatmap").scroll_into_view_if_needed()
-            page.wait_for_timeout(1000)
-            target = ROOT / "assets" / "screenshot.png" if os.environ.get("DYCOKE_SCREENSHOT") \
-                else tmp_path / "screenshot.png"
-            page.screenshot(path=str(target), full_page=True)
-            print(f"screenshot: {target}")
+def test_settings_follow_the_method_and_uploads_are_checked_on_arrival(browser, app_url, tmp_path):
+    problems: list[str] = []
+    context, page = open_page(browser, app_url, DESKTOP, "light", problems)
+    try:
+        page.get_by_text("Settings", exact=True).click()
 
-            # An example fills the video and the question; a new video starts a new conversation; Send asks.
-            page.get_by_text("moving shapes", exact=True).click()
-            page.wait_for_function("document.querySelector('#question textarea').value.includes('shapes')")
-            page.wait_for_function("document.querySelector('#method-stats').innerText.trim() === ''")
-            page.locator("#send").click()
-            page.wait_for_function("document.querySelector('#method-stats').innerText.includes('TTFT')")
-            assert page.locator("#method-chat [data-testid='user']").count() == 1
-            assert "moving_shapes.mp4" in page.locator("#status-line").inner_text()
-        finally:
-            browser.close()
+        def visible_knobs() -> set[str]:
+            return set(page.evaluate("""() => [...document.querySelectorAll('[id^=knob-]')]
+                .filter(n => n.offsetParent !== null).map(n => n.id.slice(5))"""))
+
+        dycoke = {"merge_ratio", "window", "prune_layer", "prune_ratio", "reselect_threshold"}
+        assert visible_knobs() == dycoke
+        page.locator("#method input").fill("fastv")
+        page.locator("#method input").press("Enter")
+        page.locator("#match-budget input").wait_for(state="visible")
+        # fastv matched to DyCoke's budget: its layer, and DyCoke's K, W, P that set the budget.
+        page.wait_for_function("document.querySelector('#knob-fastv_layer')?.offsetParent != null")
+        assert visible_knobs() == {"fastv_layer", "merge_ratio", "window", "prune_ratio"}
+        page.locator("#match-budget input").uncheck()
+        page.wait_for_function("document.querySelector('#knob-fastv_ratio')?.offsetParent != null")
+        assert visible_knobs() == {"fastv_layer", "fastv_ratio"}
+        page.locator("#reset").click()
+        page.wait_for_function("document.querySelector('#knob-reselect_threshold')?.offsetParent != null")
+        assert visible_knobs() == dycoke
+
+        # A text file is refused with the app's own message as soon as it arrives, before any Send.
+        notes = tmp_path / "notes.txt"
+        notes.write_text("not a video\n")
+        page.locator("#video input[type=file]").set_input_files(str(notes))
+        page.wait_for_function("document.querySelector('#error-box').innerText.includes('not a readable video')")
+        message = page.locator("#error-box").inner_text()
+        assert "not a readable video" in message and "allowed" not in message
+        assert page.locator("#method-chat [data-testid='user']").count() == 0
+    finally:
+        context.close()
     assert not problems, "errors in the browser:\n" + "\n".join(problems)

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import math
 
 import numpy as np
 import plotly.graph_objects as go
@@ -11,7 +12,8 @@ from PIL import Image
 import json
 
 from dycoke.viz import (
-    bench_figure, gauges_figure, live_step_heatmap, partial_trace, placeholder_figure, step_heatmap, ttm_frames_figure,
+    bench_figure, gain, gauges_figure, headline, live_step_heatmap, partial_trace, placeholder_figure, plot_width,
+    step_bins, step_heatmap, step_heatmap_title, ttm_frames_figure, ttm_view,
 )
 
 N = 196
@@ -29,11 +31,10 @@ def assert_no_typed_arrays(fig):
     assert '"bdata"' not in fig.to_json()
 
 
-def heatmap_and_markers(fig):
+def grid_and_strip(fig):
     heatmaps = [t for t in fig.data if isinstance(t, go.Heatmap)]
-    markers = [t for t in fig.data if isinstance(t, go.Scatter)]
-    assert len(heatmaps) == 1 and len(markers) == 1
-    return heatmaps[0], markers[0]
+    assert [t.name for t in heatmaps] == ["kept", "reselected"]
+    return heatmaps
 
 
 # --- heatmap --------------------------------------------------------------------------------------------
@@ -46,60 +47,92 @@ def test_heatmap_matches_trace():
         times=[0.0, 1.25, 2.5, 3.75],
     )
     fig = step_heatmap(trace, title="DyCoke")
-    heatmap, markers = heatmap_and_markers(fig)
+    grid, strip = grid_and_strip(fig)
 
-    expected_z = [
-        [196 / 196, 59 / 196, 59 / 196, 30 / 196],
-        [58 / 196, 17 / 196, 17 / 196, 30 / 196],
-        [58 / 196, 17 / 196, 17 / 196, 20 / 196],
-        [58 / 196, 0 / 196, 0 / 196, 9 / 196],
-    ]
-    assert np.array(heatmap.z).shape == (4, 4)
-    np.testing.assert_allclose(np.array(heatmap.z, dtype=float), expected_z)
-    assert list(heatmap.x) == ["TTM", "1", "2", "3"]
-    assert list(heatmap.y) == [0, 1, 2, 3]
-    assert (heatmap.zmin, heatmap.zmax) == (0, 1)
+    assert [list(row) for row in grid.z] == [[196, 59, 59, 30], [58, 17, 17, 30], [58, 17, 17, 20], [58, 0, 0, 9]]
+    assert list(grid.x) == ["TTM", "step 1", "step 2", "step 3"]
+    assert list(grid.y) == ["frame 0 · 0.0 s", "frame 1 · 1.2 s", "frame 2 · 2.5 s", "frame 3 · 3.8 s"]
+    assert (grid.zmin, grid.zmax) == (0, N) and grid.xgap == 0 and grid.ygap == 0
     assert fig.layout.uirevision == "dycoke-heatmap"
-    assert fig.layout.xaxis.type == "category"
-    assert list(fig.layout.yaxis.tickvals) == [0, 1, 2, 3]
+    assert fig.layout.yaxis.autorange == "reversed", "frame 0 must be on top"
     assert list(fig.layout.yaxis.ticktext) == ["0.0 s", "1.2 s", "2.5 s", "3.8 s"]
-    low, high = fig.layout.yaxis.range
-    assert low > high, "y axis must be descending so that frame 0 is on top"
+    assert list(fig.layout.xaxis.ticktext) == ["TTM", "1", "2", "3"]
     assert fig.layout.title.text == "DyCoke"
+    assert "kept %{z} of 196 tokens" in grid.hovertemplate and "mean" not in grid.hovertemplate
 
-    assert "58/196" in heatmap.text[1][0] and "frame 1" in heatmap.text[1][0] and "TTM" in heatmap.text[1][0]
-    assert "9/196" in heatmap.text[3][3] and "step 3" in heatmap.text[3][3] and "3.8 s" in heatmap.text[3][3]
-
-    assert list(markers.x) == ["1", "3"]
-    assert all(y < 0 for y in markers.y)
+    # Reselections: a strip of its own above the grid, one cell per column.
+    assert list(strip.z[0]) == [None, 1, 0, 1]
+    strip_low, strip_high = fig.layout.yaxis2.domain
+    assert strip_low > fig.layout.yaxis.domain[1] and strip_high == 1
     assert_no_typed_arrays(fig)
 
 
 def test_heatmap_without_steps_is_the_ttm_column():
-    fig = step_heatmap(make_trace(ttm=[196, 58], steps=[], times=[0.0, 2.0]))
-    heatmap, markers = heatmap_and_markers(fig)
-    assert list(heatmap.x) == ["TTM"]
-    np.testing.assert_allclose(np.array(heatmap.z, dtype=float), [[1.0], [58 / 196]])
-    assert len(markers.x) == 0
-    assert_no_typed_arrays(fig)
+    grid, strip = grid_and_strip(step_heatmap(make_trace(ttm=[196, 58], steps=[], times=[0.0, 2.0])))
+    assert list(grid.x) == ["TTM"] and [list(row) for row in grid.z] == [[196], [58]]
+    assert list(strip.z[0]) == [None]
 
 
 def test_heatmap_single_frame():
     fig = step_heatmap(make_trace(ttm=[196], steps=[([58], True), ([58], False)], times=[0.5]))
-    heatmap, markers = heatmap_and_markers(fig)
-    np.testing.assert_allclose(np.array(heatmap.z, dtype=float), [[1.0, 58 / 196, 58 / 196]])
+    grid, strip = grid_and_strip(fig)
+    assert [list(row) for row in grid.z] == [[196, 58, 58]]
     assert list(fig.layout.yaxis.ticktext) == ["0.5 s"]
-    assert list(markers.x) == ["1"]
-    assert_no_typed_arrays(fig)
+    assert list(strip.z[0]) == [None, 1, 0]
 
 
-def test_heatmap_thins_frame_ticks_for_long_videos():
-    frames = 128
-    fig = step_heatmap(make_trace(ttm=[196] * frames, steps=[], times=[i * 0.5 for i in range(frames)]))
-    heatmap, _ = heatmap_and_markers(fig)
-    assert len(heatmap.z) == frames
-    assert len(fig.layout.yaxis.tickvals) <= 32
-    assert fig.layout.yaxis.ticktext[1] == f"{fig.layout.yaxis.tickvals[1] * 0.5:.1f} s"
+@pytest.mark.parametrize("frames", [8, 32, 64, 128])
+def test_heatmap_thins_frame_labels_to_fit_the_plot(frames):
+    fig = step_heatmap(make_trace(ttm=[196] * frames, steps=[], times=[i * 0.5 for i in range(frames)]), height=360)
+    labels = list(fig.layout.yaxis.tickvals)
+    # 360 px less the margins (30 + 36) less the strip: 273 px of grid, so at most 17 labels of 16 px.
+    assert len(labels) <= 17 and labels[0] == "frame 0 · 0.0 s"
+    rows_between = frames / 17
+    assert len(labels) == (frames if frames <= 17 else math.ceil(frames / math.ceil(rows_between)))
+    assert fig.layout.yaxis.ticktext[1] == labels[1].split(" · ")[1]
+
+
+def test_step_bins_cover_every_step_once_in_at_most_120_columns():
+    assert step_bins(0) == [] and step_bins(1) == [range(0, 1)]
+    assert step_bins(120) == [range(i, i + 1) for i in range(120)]
+    bins = step_bins(121)
+    assert len(bins) == 61 and bins[0] == range(0, 2) and bins[-1] == range(120, 121)
+    for steps in (500, 1000, 1024, 4096):
+        bins = step_bins(steps)
+        assert len(bins) <= 120 and [i for b in bins for i in b] == list(range(steps))
+
+
+def test_many_steps_are_binned_into_column_means_and_the_hover_says_so():
+    steps = 250  # 2 frames, 250 steps: 3 per column, 84 columns, the last holding step 250 alone
+    trace = make_trace(ttm=[196, 58], times=[0.0, 1.0],
+                       steps=[([step % 196, 100], step % 3 == 0) for step in range(steps)])
+    grid, strip = grid_and_strip(step_heatmap(trace))
+    assert len(grid.x) == 1 + 84 and grid.x[1] == "steps 1–3" and grid.x[-1] == "step 250"
+    assert list(grid.z[0][1:3]) == [1, 4] and grid.z[0][-1] == 249 % 196  # means of 0,1,2 and 3,4,5
+    assert grid.z[1][1] == 100
+    assert list(strip.z[0][1:4]) == [1, 1, 1] and strip.zmax == 3
+    assert "mean of 3 steps per column" in grid.hovertemplate
+
+
+def test_live_update_of_512_steps_at_64_frames_is_under_100_kb():
+    steps = [{"kept_per_frame": [(7 * step + frame) % 197 for frame in range(64)], "reselected": step % 2 == 0}
+             for step in range(512)]
+    trace = partial_trace([i * 0.25 for i in range(64)], N, steps)
+    payload = live_step_heatmap(trace, "dycoke · step 512").to_json()
+    assert len(payload.encode()) < 100_000
+    assert len(step_heatmap(dict(trace, ttm_kept_per_frame=[58] * 64)).to_json().encode()) < 100_000
+
+
+def test_heatmap_follows_the_theme():
+    trace = make_trace(ttm=[196], steps=[([58], False)], times=[0.0])
+    light, dark = step_heatmap(trace).layout, step_heatmap(trace, dark=True).layout
+    assert light.paper_bgcolor == dark.paper_bgcolor == "rgba(0,0,0,0)"
+    assert light.font.color != dark.font.color
+
+
+def test_heatmap_title_counts_the_prefills_token():
+    trace = make_trace(ttm=[196], steps=[([58], False)] * 63, times=[0.0])
+    assert step_heatmap_title("dycoke", trace, 5) == "dycoke · 64 new tokens (63 decoding steps) · 5 reselections"
 
 
 # --- TTM frames -------------------------------------------------------------------------------------------
@@ -140,9 +173,23 @@ def test_ttm_frames_shades_dropped_patches():
     assert (patch(2, 0, 0) == source_value).all()
 
     titles = [a.text for a in fig.layout.annotations]
-    assert titles == ["t=0.0 s · kept 196/196", "t=1.2 s · kept 195/196", "t=2.4 s · kept 195/196"]
+    assert titles == ["0.0 s · 196/196", "1.2 s · 195/196", "2.4 s · 195/196"]
     assert fig.layout.xaxis.visible is False and fig.layout.yaxis.visible is False
     assert_no_typed_arrays(fig)
+
+
+@pytest.mark.parametrize("page_width, columns", [(390, 3), (1280, 8), (None, 8)])
+def test_ttm_view_fits_its_thumbnails_to_the_page(page_width, columns):
+    frames = np.full((16, 60, 80, 3), 100, dtype=np.uint8)
+    trace = {"ttm_keep_mask": [[1] * N] * 16, "ttm_kept_per_frame": [N] * 16}
+    metrics = {"visual_tokens_after_ttm": 16 * N, "visual_tokens_in": 16 * N}
+    fig = ttm_view(frames, [i / 2 for i in range(16)], "dycoke", trace, metrics, page_width=page_width, dark=True)
+    composite = decode_composite(fig)
+    # As wide as the plot (390 px page: 350 px, 3 columns of 110 px thumbnails), so no band is left empty.
+    assert abs(composite.shape[1] - plot_width(page_width)) < columns + 4
+    assert len({round(a.y) for a in fig.layout.annotations}) == math.ceil(16 / columns)
+    assert tuple(composite[0, 0]) == (17, 24, 39)  # the dark page's background
+    assert "3,136 of 3,136" in fig.layout.title.text
 
 
 def test_ttm_frames_rejects_wrong_mask_shape():
@@ -165,51 +212,65 @@ DYCOKE = {
 }
 
 
-def indicators_by_name(fig):
-    assert all(isinstance(t, go.Indicator) for t in fig.data)
-    return {t.name: t for t in fig.data}
+def bars_by_name(fig):
+    return {t.name: t for t in fig.data if isinstance(t, go.Bar)}
 
 
-def test_gauges_show_each_side_and_ratios():
-    fig = gauges_figure({"baseline": BASELINE, "dycoke": DYCOKE}, reference="baseline")
-    by_name = indicators_by_name(fig)
-    for side, metrics in [("baseline", BASELINE), ("dycoke", DYCOKE)]:
-        assert by_name[f"{side}/ttft_ms"].value == metrics["ttft_ms"]
-        assert by_name[f"{side}/decode_tokens_per_s"].value == metrics["decode_tokens_per_s"]
-        assert by_name[f"{side}/memory_mb"].value == pytest.approx(metrics["peak_memory_bytes"] / 1e6)
-        assert "peak memory" in by_name[f"{side}/memory_mb"].title.text
-        expected_pct = 100 * metrics["visual_tokens_attended_mean"] / metrics["visual_tokens_in"]
-        assert by_name[f"{side}/visual_attended_pct"].value == pytest.approx(expected_pct)
-    assert by_name["dycoke/visual_attended_pct"].value == pytest.approx(100 * 888 / 6272)
-
-    assert by_name["dycoke/speedup"].value == pytest.approx(2300.0 / 1490.0)
-    assert by_name["dycoke/speedup"].number.suffix == "×"
-    assert by_name["dycoke/speedup"].delta.reference == 1
-    assert by_name["dycoke/memory_ratio"].value == pytest.approx(34 / 24)
-    assert len(fig.data) == 2 * 4 + 2
+def test_gauges_show_both_sides_coloured_by_direction_with_the_comparison_marked():
+    fig = gauges_figure("dycoke", DYCOKE, "baseline", BASELINE)
+    bars = bars_by_name(fig)
+    assert list(bars) == ["dycoke/ttft_ms", "dycoke/decode_tokens_per_s", "dycoke/memory_mb", "dycoke/visual_attended"]
+    ttft = bars["dycoke/ttft_ms"]
+    assert list(ttft.y) == ["baseline", "dycoke"] and list(ttft.x) == [900.0, 450.0]
+    green, red = "#2e9d57", "#d9534f"
+    assert list(ttft.marker.color) == ["#9ca3af", green]  # 450 ms against 900: better
+    assert list(bars["dycoke/decode_tokens_per_s"].marker.color)[1] == green  # 30 tokens/s against 20: higher
+    slower = bars_by_name(gauges_figure("dycoke", dict(DYCOKE, ttft_ms=1000.0), "baseline", BASELINE))
+    assert list(slower["dycoke/ttft_ms"].marker.color)[1] == red
+    assert list(bars["dycoke/memory_mb"].x) == [34_000.0, 24_000.0]  # peak memory, in MB
+    assert list(bars["dycoke/visual_attended"].x) == [6272.0, 888.0]
+    markers = {t.name: t for t in fig.data if isinstance(t, go.Scatter)}
+    assert list(markers["baseline/ttft_ms"].x) == [900.0] and list(markers["baseline/ttft_ms"].y) == ["dycoke"]
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[0] == "<b>time to first token</b> (ms; lower is better) · <b>2.0×</b>"
+    assert "higher is better" in titles[1] and "peak memory" in titles[2]
     assert_no_typed_arrays(fig)
 
 
+def test_gain_is_above_one_when_the_method_is_better_either_way():
+    assert gain(450, 900, lower_is_better=True) == 2.0
+    assert gain(30, 20, lower_is_better=False) == 1.5
+    assert gain(10, 20, lower_is_better=False) == 0.5
+    assert gain(None, 20, True) is None and gain(0, 20, True) is None
+
+
 def test_gauges_fall_back_to_kv_cache_and_survive_missing_values():
-    cpu_dycoke = dict(DYCOKE, peak_memory_bytes=None, ttft_ms=None, total_ms=None)
-    fig = gauges_figure({"baseline": dict(BASELINE, peak_memory_bytes=None), "dycoke": cpu_dycoke}, "baseline")
-    by_name = indicators_by_name(fig)
-    memory = by_name["dycoke/memory_mb"]
-    assert memory.value == pytest.approx(200.0)
-    assert "KV" in memory.title.text and "peak" not in memory.title.text
-    assert by_name["dycoke/ttft_ms"].value is None and "n/a" in by_name["dycoke/ttft_ms"].title.text
-    assert by_name["dycoke/speedup"].value is None
-    assert by_name["dycoke/memory_ratio"].value == pytest.approx(2.0)
-    assert "KV" in by_name["dycoke/memory_ratio"].title.text
+    cpu_dycoke = dict(DYCOKE, peak_memory_bytes=None, ttft_ms=None)
+    fig = gauges_figure("dycoke", cpu_dycoke, "baseline", dict(BASELINE, peak_memory_bytes=None))
+    bars = bars_by_name(fig)
+    assert list(bars["dycoke/memory_mb"].x) == [400.0, 200.0]
+    assert "KV cache" in fig.layout.annotations[2].text
+    assert list(bars["dycoke/ttft_ms"].text) == ["900", "n/a"]
+    assert list(bars["dycoke/ttft_ms"].marker.color)[1] == "#6b7a90"  # unknown: neutral
+    assert "×" not in fig.layout.annotations[0].text
     fig.to_json()
 
 
-def test_gauges_without_reference_have_no_ratios():
-    fig = gauges_figure({"dycoke": DYCOKE})
-    assert sorted(indicators_by_name(fig)) == sorted(
-        f"dycoke/{key}" for key in ["ttft_ms", "decode_tokens_per_s", "memory_mb", "visual_attended_pct"]
-    )
-    assert len(gauges_figure({"dycoke": DYCOKE}, reference="dycoke").data) == 4
+def test_gauges_without_comparison_have_one_bar_per_row():
+    fig = gauges_figure("dycoke", DYCOKE)
+    assert all(len(bar.y) == 1 for bar in bars_by_name(fig).values())
+    assert not [t for t in fig.data if isinstance(t, go.Scatter)]
+
+
+def test_headline_reads_the_direction_and_notes_the_single_run():
+    assert headline("dycoke", DYCOKE, "baseline", BASELINE, same_answer=True).startswith(
+        "**dycoke vs baseline: 2.0× faster to first token, 1.4× less peak memory, same answer.**")
+    slower = headline("fastv", dict(DYCOKE, ttft_ms=1800.0, peak_memory_bytes=34_500_000_000), "baseline", BASELINE,
+                      same_answer=False)
+    assert "2.0× slower to first token, 1.01× more peak memory" not in slower  # within 3%: the same
+    assert "2.0× slower to first token, the same peak memory, different answer." in slower
+    assert "single run" in slower
+    assert "no comparison" in headline("dycoke", DYCOKE)
 
 
 # --- benchmark ------------------------------------------------------------------------------------------
@@ -267,11 +328,9 @@ def test_partial_trace_has_the_contract_layout_and_a_pending_ttm_column():
 
 def test_heatmap_of_a_partial_trace_leaves_the_ttm_column_blank():
     steps = [{"kept_per_frame": [59, 17], "reselected": True}]
-    heatmap, markers = heatmap_and_markers(step_heatmap(partial_trace([0.0, 1.5], N, steps)))
-    assert [row[0] for row in heatmap.z] == [None, None]
-    np.testing.assert_allclose([row[1] for row in heatmap.z], [59 / N, 17 / N])
-    assert "pending" in heatmap.text[0][0] and "59/196" in heatmap.text[0][1]
-    assert list(markers.x) == ["1"]
+    grid, strip = grid_and_strip(step_heatmap(partial_trace([0.0, 1.5], N, steps)))
+    assert [list(row) for row in grid.z] == [[None, 59], [None, 17]]
+    assert list(strip.z[0]) == [None, 1]
 
 
 @pytest.mark.parametrize("ttm", [None, [196, 58, 58]])
