@@ -1,14 +1,18 @@
-"""DP, dynamic KV-cache pruning (DESIGN.md §2.2), as a per-request cache plus one scoring hook per attention layer.
+"""DP, dynamic KV-cache pruning (DESIGN.md §2.2), as a per-request cache plus an attention function.
 
-At each decoding step, a pre-hook on layer L-1's attention computes the new token's query; when the layer then
-writes its key into the cache, the cache scores that query against all of the layer's keys. The cache turns the
-scores into a selection of visual tokens and, for layers >= L, returns a compact view: every non-visual token
-plus the selected visual ones. The full cache is kept, so a token pruned at one step can come back at a later one.
+Scoring point: `dycoke_sdpa` (and `dycoke_eager`, ...) is registered through transformers' `AttentionInterface`
+and wraps the model's own attention. At layer L-1 of a decoding step it receives the new token's query exactly as
+the model built it (normed and rotated, whatever the family: 1-D RoPE, M-RoPE, q/k norms) and that layer's cached
+keys, and hands the head-mean softmax attention over the visual span to the request's DyCokeCache. A pre-hook on
+each attention module only passes the request's cache along as the `dycoke_cache` keyword; for any other cache
+the function is the wrapped attention, untouched. The cache turns the scores into a selection of visual tokens
+and, for layers >= L, returns a compact view: every non-visual token plus the selected visual ones. The full
+cache is kept, so a token pruned at one step can come back at a later one.
 
-Cost per decoding step, on top of the baseline's: one query projection and one row of attention scores at layer
-L-1, and one host-device sync for the reselect decision. At layers >= L a step writes one row into the compact
-copy, and a reselection gathers the newly selected visual rows into it; the full cache of those layers is the
-prefill, which no step copies or scans.
+Cost per decoding step, on top of the baseline's: one row of attention scores at layer L-1 (the query is the
+model's own), and one host-device sync for the reselect decision. At layers >= L a step writes one row into the
+compact copy, and a reselection gathers the newly selected visual rows into it; the full cache of those layers is
+the prefill, which no step copies or scans.
 """
 
 from __future__ import annotations
@@ -16,14 +20,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import sys
+
 import torch
-from transformers import DynamicCache
-from transformers.models.qwen2.modeling_qwen2 import rotate_half
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dycoke.metrics import Stopwatch
 from dycoke.ttm import kept_count
 
-HOOK_MARKER = "_dycoke_scoring_hook"
+HOOK_MARKER = "_dycoke_cache_hook"
+# Registered attention implementations are named ATTENTION_PREFIX + the wrapped one: dycoke_sdpa, dycoke_eager.
+ATTENTION_PREFIX = "dycoke_"
 # Spare rows the compact tensor is allocated with, so that steps write in place instead of copying.
 COMPACT_GROWTH = 64
 
@@ -109,7 +118,7 @@ class DyCokeCache(DynamicCache):
         self.reselect_threshold = reselect_threshold
         self.keep_visual = kept_count(frame_of_visual.numel(), prune_ratio)
         self.pruning = prune_ratio > 0 and frame_of_visual.numel() > 0
-        self.num_layers: int | None = None  # told by the scoring hook during prefill
+        self.num_layers: int | None = None  # told by the attention hook during prefill
         self.previous_scores: torch.Tensor | None = None
         self.selected: torch.Tensor | None = None
         self.stale = False
@@ -119,7 +128,6 @@ class DyCokeCache(DynamicCache):
         self.compact: torch.Tensor | None = None  # [pruned layers, K|V, kv_heads, capacity, head_dim]
         self.compact_lengths: list[int] = []
         self._kept_per_frame: _FrameCounts | list[int] = []
-        self._pending_query: tuple[torch.Tensor, float] | None = None
         self._positions: tuple[int, torch.device, torch.Tensor] | None = None
         self.stopwatch: Stopwatch | None = None
         if _stopwatches is not None:
@@ -151,19 +159,34 @@ class DyCokeCache(DynamicCache):
             ))
         self.steps.append(StepRecord(self._kept_per_frame, reselect))
 
-    def await_scores(self, query: torch.Tensor, scaling: float) -> None:
-        """The new token's rotated query at layer L-1; it is scored when that layer's key arrives in `update`."""
-        self._pending_query = (query, scaling)
-
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self._prunes(layer_idx, key_states.shape[-2]):
             return self._update_pruned(key_states, value_states, layer_idx)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if self._pending_query is not None and layer_idx == self.scoring_layer:
-            self._score(keys)
         if self._holds_prefill(layer_idx, key_states.shape[-2]):
             keys, values = self._keep_prefill(keys, values, layer_idx)
         return keys, values
+
+    def attend(self, layer_idx: int, query: torch.Tensor, keys: torch.Tensor, attention_mask, scaling: float):
+        """Called by the attention function with the layer's own query and keys; returns the mask to attend with.
+
+        At layer L-1 of a decoding step the query is scored against the keys; at pruned layers of a decoding step
+        the keys are the compact view, which every query may attend to whole (it is one token long)."""
+        if not self.pruning or query.shape[-2] != 1:
+            return attention_mask
+        if layer_idx == self.scoring_layer:
+            self.score(query, keys, scaling)
+        elif self._prunes(layer_idx, 1):
+            return None
+        return attention_mask
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> None:
+        """Head-mean attention of the new token's query over the layer's keys, its own included, then `observe`."""
+        started = self.stopwatch.start() if self.stopwatch else None
+        scores = head_mean_scores(query, keys, scaling)
+        self.observe(scores[self.visual_start:self.visual_end])
+        if started:
+            self.stopwatch.stop("score", started)
 
     def _holds_prefill(self, layer_idx: int, query_length: int) -> bool:
         return self.pruning and query_length > 1 and layer_idx >= self.prune_layer and self.num_layers is not None
@@ -221,16 +244,6 @@ class DyCokeCache(DynamicCache):
         grown[:, :, :, :used] = self.compact[:, :, :, :used]
         self.compact = grown
 
-    def _score(self, keys: torch.Tensor) -> None:
-        """Head-mean attention of the pending query over the layer's keys, its own included, then `observe`."""
-        started = self.stopwatch.start() if self.stopwatch else None
-        query, scaling = self._pending_query
-        self._pending_query = None
-        scores = head_mean_scores(query, keys, scaling)
-        self.observe(scores[self.visual_start:self.visual_end])
-        if started:
-            self.stopwatch.stop("score", started)
-
     def _prunes(self, layer_idx: int, query_length: int) -> bool:
         return (self.pruning and query_length == 1 and layer_idx >= self.prune_layer and self.selected is not None
                 and self.prefill is not None)
@@ -271,7 +284,14 @@ class DyCokeCache(DynamicCache):
         return super().get_seq_length(self._length_layer(layer_idx))
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if self._prunes(layer_idx, query_length):  # a decoding step of a pruned layer attends the compact view
+            return self._compact_length(layer_idx - self.prune_layer) + query_length, 0
         return super().get_mask_sizes(query_length, self._length_layer(layer_idx))
+
+    def _compact_length(self, slot: int) -> int:
+        if self.compact is not None:
+            return self.compact_lengths[slot]
+        return self.prefill.shape[3] - (self.visual_end - self.visual_start) + self.keep_visual
 
     def nbytes(self) -> int:
         """Bytes held: every layer's full K/V (the prefill, at pruned layers) plus the compact tensor."""
@@ -279,43 +299,67 @@ class DyCokeCache(DynamicCache):
         return full + (self.compact.nbytes if self.compact is not None else 0)
 
 
-def rotated_query(attention: torch.nn.Module, hidden_states: torch.Tensor,
-                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The attention module's query for `hidden_states`, with rotary applied: [1, heads, 1, head_dim]."""
-    query = attention.q_proj(hidden_states).view(1, 1, -1, attention.head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return query * cos + rotate_half(query) * sin  # the query half of apply_rotary_pos_emb
-
-
 def head_mean_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Softmax attention of one query over `keys` ([1, kv_heads, S, head_dim]), averaged over query heads."""
+    """Softmax attention of one query over `keys` ([1, kv_heads, S, head_dim]), averaged over query heads.
+
+    In float32, or in the model's dtype where that is wider, so that ties are broken as the exact rule does."""
     kv_heads, head_dim = keys.shape[1], keys.shape[-1]
     grouped_query = query.view(1, kv_heads, -1, head_dim)  # query heads grouped by the kv head they share
-    logits = torch.matmul(grouped_query.float(), keys.float().transpose(-1, -2)) * scaling
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    logits = torch.matmul(grouped_query.to(dtype), keys.to(dtype).transpose(-1, -2)) * scaling
     return logits.softmax(dim=-1).mean(dim=(0, 1, 2))
 
 
-def _score_new_token(attention: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+def dycoke_attention(wrapped: str):
+    """The attention function registered as ATTENTION_PREFIX + `wrapped`: that attention, plus DP's scoring."""
+
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask, dycoke_cache: DyCokeCache | None = None, **kwargs):
+        if dycoke_cache is not None:
+            attention_mask = dycoke_cache.attend(module.layer_idx, query, key, attention_mask,
+                                                 kwargs.get("scaling") or module.scaling)
+        return _wrapped_function(wrapped, module)(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = attention.__qualname__ = f"{ATTENTION_PREFIX}{wrapped}_attention"
+    return attention
+
+
+def _wrapped_function(wrapped: str, module: torch.nn.Module):
+    if wrapped == "eager":  # eager is not registered: each modelling file defines its own
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[wrapped]
+
+
+def register_attention(wrapped: str) -> str:
+    """Register the DyCoke variant of a registered attention implementation (and its mask); return its name."""
+    if wrapped.startswith(ATTENTION_PREFIX):
+        return wrapped
+    if wrapped != "eager" and wrapped not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(f"DP cannot wrap the attention implementation '{wrapped}'")
+    name = ATTENTION_PREFIX + wrapped
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, dycoke_attention(wrapped))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[wrapped])
+    return name
+
+
+def _pass_cache_along(attention: torch.nn.Module, args: tuple, kwargs: dict):
     cache = kwargs.get("past_key_values")
-    if not isinstance(cache, DyCokeCache) or not cache.pruning or attention.layer_idx != cache.scoring_layer:
-        return
-    hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(cache, DyCokeCache) or not cache.pruning:
+        return None
     cache.num_layers = attention.config.num_hidden_layers  # the prefill tensor of the pruned layers needs it
-    if hidden_states is None or hidden_states.shape[:2] != (1, 1):
-        return
-    started = cache.stopwatch.start() if cache.stopwatch else None
-    cache.await_scores(rotated_query(attention, hidden_states, kwargs["position_embeddings"]), attention.scaling)
-    if started:
-        cache.stopwatch.stop("score", started)
+    return args, {**kwargs, "dycoke_cache": cache}
 
 
 def install_dp_hooks(model: torch.nn.Module) -> int:
-    """Put the scoring pre-hook on every decoder attention module once; it is inert unless given a DyCokeCache."""
+    """Switch the language model to the DyCoke variant of its attention, and put the pre-hook that passes a
+    DyCokeCache along on every decoder attention module, once; with any other cache nothing changes."""
+    decoder = model.get_decoder()
+    decoder.set_attn_implementation(register_attention(decoder.config._attn_implementation))
     installed = 0
-    for layer in model.get_decoder().layers:
+    for layer in decoder.layers:
         attention = layer.self_attn
         if not hasattr(attention, HOOK_MARKER):
-            setattr(attention, HOOK_MARKER, attention.register_forward_pre_hook(_score_new_token, with_kwargs=True))
+            setattr(attention, HOOK_MARKER, attention.register_forward_pre_hook(_pass_cache_along, with_kwargs=True))
             installed += 1
     return installed
