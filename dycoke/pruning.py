@@ -91,13 +91,13 @@ class StepRecord:
 class DyCokeCache(DynamicCache):
     """A DynamicCache that prunes visual tokens at decode time; all per-request DP state lives here.
 
-    Layers < L are plain DynamicCache layers. Layers >= L (the pruned layers) keep their prefill K/V together in
-    one tensor, and what they attend to while decoding in one compact tensor
-    ([pruned layer, K|V, kv_heads, rows, head_dim], the same layout per head as any KV cache): the text before
-    the video, the selected visual tokens, the text after the video, then every generated token. Only the
-    selected segment changes on reselection, and it keeps its size, so a reselection is one gather for all
-    pruned layers, copied in place; a step writes one row per layer. Generated tokens are never pruned,
-    so pruned layers keep them once, in the compact tensor. DP runs on one request at a time (batch 1).
+    Layers < L are plain DynamicCache layers. Layers >= L (the pruned layers) keep their prefill K/V in their own
+    cache layer, and what they attend to while decoding in a compact tensor of their own, on the layer's device
+    (several GPUs: each layer's storage stays where the layer runs), [K|V, kv_heads, rows, head_dim]: the text
+    before the video, the selected visual tokens, the text after the video, then every generated token. Only the
+    selected segment changes on reselection, and it keeps its size, so a reselection is one gather per pruned
+    layer, copied in place; a step writes one row per layer. Generated tokens are never pruned, so pruned layers
+    keep them once, in the compact tensor. DP runs on one request at a time (batch 1).
     """
 
     def __init__(
@@ -121,14 +121,16 @@ class DyCokeCache(DynamicCache):
         self.num_layers: int | None = None  # told by the attention hook during prefill
         self.previous_scores: torch.Tensor | None = None
         self.selected: torch.Tensor | None = None
-        self.stale = False
         self.steps: list[StepRecord] = []
         self.reselections = 0
-        self.prefill: torch.Tensor | None = None  # [pruned layers, K|V, kv_heads, S, head_dim]
-        self.compact: torch.Tensor | None = None  # [pruned layers, K|V, kv_heads, capacity, head_dim]
+        self.prefill_length: int | None = None
+        # Per pruned layer, on that layer's device: [K|V, kv_heads, capacity, head_dim], the rows in use, and the
+        # selection (counted in reselections) that its visual segment holds.
+        self.compact: list[torch.Tensor | None] = []
         self.compact_lengths: list[int] = []
+        self._gathered: list[int] = []
         self._kept_per_frame: _FrameCounts | list[int] = []
-        self._positions: tuple[int, torch.device, torch.Tensor] | None = None
+        self._positions: dict[torch.device, torch.Tensor] = {}  # the selection's prefill positions, per device
         self.stopwatch: Stopwatch | None = None
         if _stopwatches is not None:
             self.stopwatch = Stopwatch(frame_of_visual.device)
@@ -151,9 +153,8 @@ class DyCokeCache(DynamicCache):
         if reselect:
             top = torch.topk(visual_scores, self.keep_visual, sorted=False).indices
             self.selected = torch.sort(top).values
-            self.stale = True
             self.reselections += 1
-            self._positions = None
+            self._positions = {}
             self._kept_per_frame = _FrameCounts(torch.bincount(
                 self.frame_of_visual[self.selected.to(self.frame_of_visual.device)], minlength=self.num_frames
             ))
@@ -192,72 +193,79 @@ class DyCokeCache(DynamicCache):
         return self.pruning and query_length > 1 and layer_idx >= self.prune_layer and self.num_layers is not None
 
     def _keep_prefill(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int):
-        """Move a pruned layer's prefill K/V into the shared prefill tensor; the layer keeps views of it."""
-        slot = layer_idx - self.prune_layer
-        if self.prefill is None:
-            shape = (self.num_layers - self.prune_layer, 2, *keys.shape[1:])
-            self.prefill = keys.new_empty(shape)
-        if self.prefill.shape[3] != keys.shape[-2] or self.compact is not None:
+        """A pruned layer's prefill stays in its own cache layer, on its own device; decoding reads compact rows."""
+        if self.prefill_length is None:
+            self.prefill_length = keys.shape[-2]
+            pruned = self.num_layers - self.prune_layer
+            self.compact, self.compact_lengths, self._gathered = [None] * pruned, [0] * pruned, [0] * pruned
+        if keys.shape[-2] != self.prefill_length or any(compact is not None for compact in self.compact):
             raise RuntimeError("DyCokeCache takes a prefill, then one token per step (as generate does); "
                                "crop() it back to the prompt before a further prefill")
-        self.prefill[slot, 0] = keys[0]
-        self.prefill[slot, 1] = values[0]
-        layer = self.layers[layer_idx]
-        layer.keys, layer.values = self.prefill[slot, 0].unsqueeze(0), self.prefill[slot, 1].unsqueeze(0)
-        return layer.keys, layer.values
+        return keys, values
 
     def _update_pruned(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
         """A decoding step at a layer >= L: gather once per reselection, then write this step's row."""
         slot = layer_idx - self.prune_layer
-        if self.stale:
+        if self._gathered[slot] != self.reselections:
             started = self.stopwatch.start() if self.stopwatch else None
-            self.stale = False
-            self._gather_selection()
+            self._gather_selection(slot)
+            self._gathered[slot] = self.reselections
             if started:
                 self.stopwatch.stop("rebuild", started)
         row = self.compact_lengths[slot]
-        if row >= self.compact.shape[3]:
-            self._grow(row + 1)
-        self.compact[slot, 0, :, row] = key_states[0, :, 0]
-        self.compact[slot, 1, :, row] = value_states[0, :, 0]
+        if row >= self.compact[slot].shape[2]:
+            self._grow(slot, row + 1)
+        compact = self.compact[slot]
+        compact[0, :, row] = key_states[0, :, 0]
+        compact[1, :, row] = value_states[0, :, 0]
         self.compact_lengths[slot] = row + 1
-        return self.compact[slot, 0, :, :row + 1].unsqueeze(0), self.compact[slot, 1, :, :row + 1].unsqueeze(0)
+        return compact[0, :, :row + 1].unsqueeze(0), compact[1, :, :row + 1].unsqueeze(0)
 
-    def _gather_selection(self) -> None:
-        """Copy the kept prefill rows of every pruned layer into the compact tensor: all of them the first time,
-        then only the selected visual segment, in place. Two kernels for all layers, whatever their number."""
-        prefill = self.prefill
-        positions = self._kept_positions(prefill.shape[3], prefill.device)
+    def _gather_selection(self, slot: int) -> None:
+        """Copy the kept prefill rows of one pruned layer into its compact tensor: all of them the first time,
+        then only the selected visual segment, in place."""
+        layer = self.layers[self.prune_layer + slot]
+        positions = self._positions_on(layer.keys.device)
         first = 0
-        if self.compact is None:
-            shape = (*prefill.shape[:3], positions.numel() + COMPACT_GROWTH, prefill.shape[4])
-            self.compact = prefill.new_empty(shape)
-            self.compact_lengths = [positions.numel()] * prefill.shape[0]
+        if self.compact[slot] is None:
+            keys = layer.keys
+            self.compact[slot] = keys.new_empty((2, keys.shape[1], positions.numel() + COMPACT_GROWTH,
+                                                 keys.shape[3]))
+            self.compact_lengths[slot] = positions.numel()
         else:
             positions = positions[self.visual_start:self.visual_start + self.keep_visual]
             first = self.visual_start
-        self.compact[:, :, :, first:first + positions.numel()] = prefill.index_select(3, positions)
+        rows = slice(first, first + positions.numel())
+        self.compact[slot][0, :, rows] = layer.keys[0].index_select(1, positions)
+        self.compact[slot][1, :, rows] = layer.values[0].index_select(1, positions)
 
-    def _grow(self, rows: int) -> None:
-        grown = self.compact.new_empty((*self.compact.shape[:3], rows + COMPACT_GROWTH, self.compact.shape[4]))
-        used = max(self.compact_lengths)
-        grown[:, :, :, :used] = self.compact[:, :, :, :used]
-        self.compact = grown
+    def _grow(self, slot: int, rows: int) -> None:
+        compact = self.compact[slot]
+        grown = compact.new_empty((*compact.shape[:2], rows + COMPACT_GROWTH, compact.shape[3]))
+        used = self.compact_lengths[slot]
+        grown[:, :, :used] = compact[:, :, :used]
+        self.compact[slot] = grown
 
     def _prunes(self, layer_idx: int, query_length: int) -> bool:
         return (self.pruning and query_length == 1 and layer_idx >= self.prune_layer and self.selected is not None
-                and self.prefill is not None)
+                and self.prefill_length is not None)
+
+    def _positions_on(self, device: torch.device) -> torch.Tensor:
+        """The current selection's prefill positions on `device`: computed once per reselection, moved per device."""
+        if not self._positions:
+            positions = self._kept_positions(self.prefill_length, self.selected.device)
+            self._positions[positions.device] = positions
+        if device not in self._positions:
+            self._positions[device] = next(iter(self._positions.values())).to(device)
+        return self._positions[device]
 
     def _kept_positions(self, length: int, device: torch.device) -> torch.Tensor:
         """Prefill positions the pruned layers attend to: text, the selected visual tokens, text."""
-        if self._positions is None or self._positions[:2] != (length, device):
-            positions = torch.cat([
-                torch.arange(self.visual_start, device=device),
-                self.selected.to(device) + self.visual_start,
-                torch.arange(self.visual_end, length, device=device),
-            ])
-            self._positions = (length, device, positions)
-        return self._positions[2]
+        return torch.cat([
+            torch.arange(self.visual_start, device=device),
+            self.selected.to(device) + self.visual_start,
+            torch.arange(self.visual_end, length, device=device),
+        ])
 
     def crop(self, tokens_to_remove: int) -> None:
         """Cut the cache to `get_seq_length() - |tokens_to_remove|` positions and forget the selection.
@@ -272,9 +280,9 @@ class DyCokeCache(DynamicCache):
         for layer in self.layers:  # the pruned layers hold only their prefill, possibly shorter than layer 0
             if layer.is_initialized and layer.keys.shape[-2] > length:
                 layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
-        self.prefill = self.compact = self.selected = self.previous_scores = None
-        self.compact_lengths, self.steps, self.reselections = [], [], 0
-        self.stale, self._pending_query, self._positions, self._kept_per_frame = False, None, None, []
+        self.prefill_length = self.selected = self.previous_scores = None
+        self.compact, self.compact_lengths, self._gathered, self.steps, self.reselections = [], [], [], [], 0
+        self._positions, self._kept_per_frame = {}, []
 
     def _length_layer(self, layer_idx: int) -> int:
         # Pruned layers hold only the prefill in `layers` once decoding starts; layer 0 holds every position.
@@ -289,14 +297,14 @@ class DyCokeCache(DynamicCache):
         return super().get_mask_sizes(query_length, self._length_layer(layer_idx))
 
     def _compact_length(self, slot: int) -> int:
-        if self.compact is not None:
+        if self.compact[slot] is not None:
             return self.compact_lengths[slot]
-        return self.prefill.shape[3] - (self.visual_end - self.visual_start) + self.keep_visual
+        return self.prefill_length - (self.visual_end - self.visual_start) + self.keep_visual
 
     def nbytes(self) -> int:
-        """Bytes held: every layer's full K/V (the prefill, at pruned layers) plus the compact tensor."""
+        """Bytes held: every layer's full K/V (the prefill, at pruned layers) plus the compact tensors."""
         full = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
-        return full + (self.compact.nbytes if self.compact is not None else 0)
+        return full + sum(compact.nbytes for compact in self.compact if compact is not None)
 
 
 def head_mean_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:

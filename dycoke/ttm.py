@@ -29,8 +29,9 @@ def temporal_keep_mask(features: torch.Tensor, merge_ratio: float, window: int =
     DyCokeConfig(merge_ratio=merge_ratio, window=window)  # same range checks as the config
     num_frames, tokens_per_frame, _ = features.shape
     references = reference_frames(num_frames, window).to(features.device)
+    dtype = torch.promote_types(features.dtype, torch.float32)  # float64 features: ties as the exact rule has them
     similarity = torch.nn.functional.cosine_similarity(
-        features.float(), features[references].float(), dim=-1
+        features.to(dtype), features[references].to(dtype), dim=-1
     )
     least_similar_first = torch.argsort(similarity, dim=1, stable=True)
     keep = kept_count(tokens_per_frame, merge_ratio)
