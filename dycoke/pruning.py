@@ -108,10 +108,13 @@ class DyCokeCache(DynamicCache):
         prune_layer: int,
         prune_ratio: float,
         reselect_threshold: float,
+        visual_positions: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.visual_start = visual_start
         self.visual_end = visual_start + frame_of_visual.numel()
+        # Where each visual token sits in the prompt, when text sits between them (Qwen3-VL's timestamps).
+        self.visual_positions = interleaved_positions(visual_positions, visual_start)
         self.frame_of_visual = frame_of_visual
         self.num_frames = num_frames
         self.prune_layer = prune_layer
@@ -185,7 +188,7 @@ class DyCokeCache(DynamicCache):
         """Head-mean attention of the new token's query over the layer's keys, its own included, then `observe`."""
         started = self.stopwatch.start() if self.stopwatch else None
         scores = head_mean_scores(query, keys, scaling)
-        self.observe(scores[self.visual_start:self.visual_end])
+        self.observe(visual_span(scores, self.visual_start, self.visual_end, self.visual_positions))
         if started:
             self.stopwatch.stop("score", started)
 
@@ -261,11 +264,8 @@ class DyCokeCache(DynamicCache):
 
     def _kept_positions(self, length: int, device: torch.device) -> torch.Tensor:
         """Prefill positions the pruned layers attend to: text, the selected visual tokens, text."""
-        return torch.cat([
-            torch.arange(self.visual_start, device=device),
-            self.selected.to(device) + self.visual_start,
-            torch.arange(self.visual_end, length, device=device),
-        ])
+        return kept_prompt_positions(self.visual_start, self.visual_end, self.visual_positions,
+                                     self.selected.to(device), length, device)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Cut the cache to `get_seq_length() - |tokens_to_remove|` positions and forget the selection.
@@ -305,6 +305,40 @@ class DyCokeCache(DynamicCache):
         """Bytes held: every layer's full K/V (the prefill, at pruned layers) plus the compact tensors."""
         full = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
         return full + sum(compact.nbytes for compact in self.compact if compact is not None)
+
+
+
+def interleaved_positions(visual_positions: torch.Tensor | None, visual_start: int) -> torch.Tensor | None:
+    """The visual tokens' prompt positions if they are not one run from visual_start, else None."""
+    if visual_positions is None or visual_positions.numel() == 0:
+        return None
+    run = visual_start + torch.arange(visual_positions.numel(), device=visual_positions.device)
+    return None if torch.equal(visual_positions, run) else visual_positions
+
+
+def visual_span(scores: torch.Tensor, visual_start: int, visual_end: int,
+                visual_positions: torch.Tensor | None) -> torch.Tensor:
+    """The scores of the visual tokens, in visual order."""
+    if visual_positions is None:
+        return scores[visual_start:visual_end]
+    return scores[visual_positions.to(scores.device)]
+
+
+def kept_prompt_positions(visual_start: int, visual_end: int, visual_positions: torch.Tensor | None,
+                          selected: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+    """Prompt positions that pruned layers attend to: the text before the video, the selected visual tokens, then
+    every other prompt token. The selected run keeps its place, so a reselection rewrites only that run."""
+    if visual_positions is None:
+        chosen, rest = selected + visual_start, torch.arange(visual_end, length, device=device)
+    else:
+        visual_positions = visual_positions.to(device)
+        chosen = visual_positions[selected]
+        is_rest = torch.ones(length, dtype=torch.bool, device=device)
+        is_rest[:visual_start] = False
+        is_rest[visual_positions] = False
+        rest = is_rest.nonzero()[:, 0]
+    return torch.cat([torch.arange(visual_start, device=device), chosen, rest])
+
 
 
 def head_mean_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
