@@ -106,7 +106,6 @@ def test_a_url_is_refused_before_anything_is_fetched(served, monkeypatch):
     {"max_new_tokens": "lots"},
     {"threshold": [1]},
     {"method": None},
-    {"question": 5},
     {"video": file_data("/etc/passwd")},
     {"video": file_data("../../../../etc/hostname")},
     {"video": "/etc/passwd"},
