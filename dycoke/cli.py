@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 
+from dycoke import OFFLINE_DEFAULT
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.limits import MAX_FRAMES, RequestError, check_frames, check_new_tokens, clean_question
 from dycoke.methods import configure, get_method, matchable_names, method_names
@@ -18,7 +19,6 @@ from dycoke.decoder import load_video_isolated
 from dycoke.video import VideoError
 
 DTYPES = ("float32", "float64", "bfloat16")
-TINY_NOTICE = "note: the 'tiny-random' model has random weights; its answers are meaningless (token counts and timings are real)"
 
 
 # Methods whose knobs become CLI options straight from their knob specs (the older ones have theirs spelled out).
@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("questions", nargs="+", metavar="QUESTION",
                         help="the question to ask about the video; more than one are asked in order, as one "
                              "conversation")
-    answer.add_argument("--model", default="tiny-random", help="tiny-random, a Hugging Face Hub id or a local path (default: tiny-random)")
+    answer.add_argument("--model", default=OFFLINE_DEFAULT,
+                        help="tiny (trained on synthetic shapes), tiny-random, a preset, a Hugging Face Hub id or a "
+                             f"local path (default: {OFFLINE_DEFAULT})")
     answer.add_argument("--method", default="dycoke", choices=method_names(), help="compression method")
     answer.add_argument("--frames", type=int, default=32, help=f"frames sampled uniformly, 1..{MAX_FRAMES}")
     answer.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens")
@@ -125,8 +127,8 @@ def run_answer(args: argparse.Namespace) -> int:
             print()
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results))
-    elif pipeline.loaded.is_random:
-        print(TINY_NOTICE, file=sys.stderr)
+    elif pipeline.loaded.notice:
+        print(f"note: '{pipeline.loaded.name}' is {pipeline.loaded.notice}", file=sys.stderr)
     return 0
 
 

@@ -28,14 +28,17 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from dycoke import OFFLINE_DEFAULT
 from dycoke.families import Family, family_of
 from dycoke.pruning import install_dp_hooks
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_ID = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
-# What the CLI uses by default and the app falls back to: it needs no download.
-OFFLINE_DEFAULT = "tiny-random"
+# What a user must be told about the answers of the embedded trained model and of the random presets.
+TINY_NOTICE = ("a tiny model trained on synthetic clips of shapes; it knows colours, shapes, motion and counts, "
+               "nothing else")
+RANDOM_NOTICE = "random weights: its answers are meaningless (token counts and timings are real)"
 TINY_SEED = 0
 IMAGE_SIZE = 384
 PATCH_SIZE = 14
@@ -162,14 +165,22 @@ class LoadedModel:
         side = self.image_size
         return self.family.geometry(self.model, 1, side, side).tokens_per_group
 
+    @property
+    def notice(self) -> str | None:
+        """What a user must know about this model's answers, or None for real pretrained weights."""
+        if self.name == "tiny":
+            return TINY_NOTICE
+        return RANDOM_NOTICE if self.is_random else None
+
     def describe(self) -> str:
-        weights = "random weights, answers are meaningless" if self.is_random else "pretrained weights"
+        weights = self.notice or "pretrained weights"
         return (f"{self.name} [{self.family.describe(self.model)}] on {self.device.type} "
                 f"({str(self.dtype).removeprefix('torch.')}, {weights})")
 
 
-def load(name: str = "tiny-random", device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
-    """A preset name (random weights), `tiny` (the project's trained checkpoint), a Hub id or a local directory."""
+def load(name: str = OFFLINE_DEFAULT, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """`tiny` (the embedded trained model), a preset name (`tiny-random`, `mini`, `ov-0.5b`, `ov-7b`: random
+    weights), a Hub id or a local path."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"cannot load '{name}' on cuda: no CUDA device is available; use --device cpu")

@@ -62,6 +62,8 @@ class TrainSettings:
     seed: int = 0
     threads: int = 2
     save_every: int = 0  # steps between checkpoints written to the output folder (0: only at the end)
+    item_offset: int = 0  # first train-split index; a continued run starts past the items already seen
+    task_weights: tuple[float, ...] = (1.0,) * len(TASKS)  # sampling weight of each task, in TASKS order
 
 
 def build_word_tokenizer() -> PreTrainedTokenizerFast:
@@ -132,8 +134,9 @@ class Batch:
 def sample_batch(rng: random.Random, step: int, settings: TrainSettings) -> list[Item]:
     frame_counts, weights = zip(*settings.frame_mix)
     num_frames = rng.choices(frame_counts, weights)[0]
-    base = step * settings.batch_size
-    return [make_item("train", rng.choice(TASKS), base + k, num_frames) for k in range(settings.batch_size)]
+    base = settings.item_offset + step * settings.batch_size
+    tasks = rng.choices(TASKS, settings.task_weights, k=settings.batch_size)
+    return [make_item("train", task, base + k, num_frames) for k, task in enumerate(tasks)]
 
 
 @torch.inference_mode()
@@ -258,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=TrainSettings.warmup_steps)
     parser.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps")
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint directory")
+    parser.add_argument("--task-weights", default=None,
+                        help=f"sampling weights of the tasks ({','.join(TASKS)}), comma-separated (default equal)")
+    parser.add_argument("--item-offset", type=int, default=0,
+                        help="first train-split item index (a continued run passes the items already seen)")
     args = parser.parse_args(argv)
     mix = tuple((int(frames), float(share)) for frames, share in
                 (pair.split(":") for pair in args.frame_mix.split(",")))
@@ -265,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = TrainSettings(minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size,
                              learning_rate=args.learning_rate, eval_every=args.eval_every,
                              eval_items=args.eval_items, seed=args.seed, threads=args.threads,
-                             frame_mix=mix, warmup_steps=args.warmup_steps, save_every=args.save_every)
+                             frame_mix=mix, warmup_steps=args.warmup_steps, save_every=args.save_every,
+                             item_offset=args.item_offset,
+                             task_weights=tuple(float(w) for w in args.task_weights.split(","))
+                             if args.task_weights else TrainSettings.task_weights)
     summary = train(args.out, settings, args.log, args.init)
     print(json.dumps(summary["validation"]))
     return 0

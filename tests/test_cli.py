@@ -81,12 +81,15 @@ def test_several_questions_are_one_conversation_printed_as_an_array(street, caps
         first + sum(later[:i + 1]) for i in range(2)]
 
 
-def test_plain_output_streams_the_answer_and_warns_about_tiny(shared_videos):
+def test_plain_output_streams_the_answer_and_says_what_tiny_knows(shared_videos):
     done = cli("answer", str(shared_videos / "street_720p_3s.mp4"), "What is there?", "--frames", "4",
                "--max-new-tokens", "8", "--ignore-eos")
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.rstrip("\n")) >= 1
-    assert "random weights" in done.stderr
+    assert "trained on synthetic clips of shapes" in done.stderr
+    done = cli("answer", str(shared_videos / "street_720p_3s.mp4"), "What is there?", "--frames", "4",
+               "--max-new-tokens", "2", "--model", "tiny-random")
+    assert done.returncode == 0 and "random weights" in done.stderr
 
 
 @pytest.mark.parametrize("args, message", [

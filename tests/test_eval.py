@@ -106,3 +106,18 @@ def test_cli_writes_json_and_a_table(tmp_path):
     assert [r["method"] for r in report["runs"]] == ["baseline", "dycoke"]
     assert report["runs"][1]["visual_tokens_attended"] == int(0.3 * 2 * (196 + 3 * 58))
     assert "| dycoke |" in done.stdout and "| baseline |" in done.stdout
+
+
+def test_the_sweep_spans_dycokes_budgets_and_the_chart_has_a_line_per_method():
+    from dycoke.eval import accuracy_budget_figure, attended_budget, sweep_points
+
+    points = dict((f"{label} {c.prune_ratio} {c.merge_ratio}", c) for label, c in sweep_points())
+    default = points["dycoke (P) 0.7 0.7"]
+    assert attended_budget(default, 16, 196).attended == 444  # floor(0.3 * 4 * (196 + 3 * 58))
+    assert attended_budget(points["dycoke (P) 0.0 0.7"], 16, 196).attended == 1480
+    assert attended_budget(points["dycoke (K) 0.7 0.0"], 16, 196).attended == int(0.3 * 16 * 196)
+    sweep = [{"method": m, "frames": 16, "attended": a, "accuracy": acc, "ci95": [acc - 0.1, acc + 0.1]}
+             for m, a, acc in [("dycoke (P)", 444, 0.9), ("dycoke (P)", 148, 0.8), ("random", 444, 0.5)]]
+    figure = accuracy_budget_figure(sweep, "fake")
+    assert [trace.name for trace in figure.data] == ["dycoke (P)", "random"]
+    assert list(figure.data[0].x) == [148, 444] and list(figure.data[0].y) == [80.0, 90.0]
