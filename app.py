@@ -42,17 +42,14 @@ from dycoke.methods import Method, all_knobs, configure_from_knobs, get_method, 
 from dycoke.models import DEFAULT_HUB_ID, OFFLINE_DEFAULT, LoadedModel, ModelLoadError, load
 from dycoke.pipeline import Pipeline, Result, StepTrace, TextDelta
 from dycoke.video import VideoClip, VideoError, check_limits, probe
+from dycoke.videoqa import read_examples
 
 log = logging.getLogger("dycoke.app")
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
 # (video, question) pairs shown under the question box, in order.
-EXAMPLES = [
-    (EXAMPLES_DIR / "moving_shapes.mp4", "Which shapes move, and in which direction?"),
-    (EXAMPLES_DIR / "scene_cut.mp4", "What changes halfway through the video?"),
-    (EXAMPLES_DIR / "static_scene.mp4", "What is moving in the room?"),
-]
+EXAMPLES = read_examples(EXAMPLES_DIR)  # items of the video-QA suite that the trained tiny model answers
 
 FRAME_CHOICES = [8, 16, 32, 64]
 WINDOW_CHOICES = [1, 2, 4, 8]
@@ -139,7 +136,7 @@ def load_model(name: str, device: str | None = None) -> ModelChoice:
     except ModelLoadError as error:
         if name == OFFLINE_DEFAULT:
             raise
-        log.warning("%s; falling back to the tiny model with random demo weights", error)
+        log.warning("%s; falling back to the tiny model", error)
         return ModelChoice(load(OFFLINE_DEFAULT, device=device), name, fallback_reason=str(error))
 
 
@@ -147,11 +144,16 @@ def banner_markdown(choice: ModelChoice) -> str:
     loaded = choice.loaded
     dtype = str(loaded.dtype).removeprefix("torch.")
     line = f"**Model** `{loaded.name}` · device `{loaded.device.type}` · dtype `{dtype}`"
-    if not loaded.is_random:
+    if loaded.notice is None:
         return line + " · pretrained weights"
-    lines = [line + " · **tiny random weights**",
-             "⚠️ **The answers are from random demo weights and mean nothing.** Token counts, heatmaps and "
-             "timings are real measurements of this small model."]
+    if loaded.is_random:
+        lines = [line + " · **tiny random weights**",
+                 "⚠️ **The answers are from random demo weights and mean nothing.** Token counts, heatmaps and "
+                 "timings are real measurements of this small model."]
+    else:
+        lines = [line + " · **tiny trained model**",
+                 f"ℹ️ **This is {loaded.notice}.** Try the examples: it answers them. Token counts, heatmaps and "
+                 "timings are real measurements of this small model."]
     if choice.fallback_reason:
         cause = choice.fallback_reason.split("': ", 1)[-1]  # "could not load model 'NAME': CAUSE"
         lines.append(f"The app asked for `{choice.requested}` but could not load it ({cause.rstrip('.')}), so it "
@@ -727,7 +729,7 @@ def knob_control(knob: Knob, num_layers: int, visible: bool) -> gr.components.Co
 
 def _examples() -> tuple[list[list[str]], list[str]]:
     rows = [[str(path), question] for path, question in EXAMPLES if Path(path).is_file()]
-    return rows, [Path(path).stem.replace("_", " ") for path, _ in rows]
+    return rows, [f"{Path(path).stem}: {question}" for path, question in rows]
 
 
 def answer_pane(role: str, header: str, placeholder: str) -> tuple[gr.Column, tuple]:

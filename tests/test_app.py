@@ -285,7 +285,7 @@ def test_a_non_video_upload_gets_the_apps_message_when_it_arrives(served, tmp_pa
         assert path.name not in shown["error"]
         assert str(tmp_path) not in shown["error"]
     video = tmp_path / "ok.mp4"
-    video.write_bytes((app.EXAMPLES_DIR / "scene_cut.mp4").read_bytes())
+    video.write_bytes((app.EXAMPLES_DIR / "change.mp4").read_bytes())
     shown = dict(zip(app.OUTPUTS, handlers.new_video(str(video))))
     assert shown["error"] == "" and "New conversation about `ok.mp4`" in shown["status"]
 
@@ -382,7 +382,7 @@ def test_clip_cache_key_names_the_file_its_size_and_the_frame_count(tmp_path):
 
 def test_fallback_to_tiny_with_a_banner(tiny_random, monkeypatch):
     def fake_load(name, device=None):
-        if name == "tiny-random":
+        if name == app.OFFLINE_DEFAULT:
             return tiny_random
         raise ModelLoadError(f"could not load model '{name}': no network")
 
@@ -394,11 +394,11 @@ def test_fallback_to_tiny_with_a_banner(tiny_random, monkeypatch):
     assert "`llava-hf/some-model`" in banner and "`cpu`" in banner and "`float32`" in banner
 
     def broken(name, device=None):
-        raise ModelLoadError("could not load model 'tiny-random': broken")
+        raise ModelLoadError("could not load model 'tiny': broken")
 
     monkeypatch.setattr(app, "load", broken)
     with pytest.raises(ModelLoadError):  # no fallback from the fallback
-        app.load_model("tiny-random")
+        app.load_model(app.OFFLINE_DEFAULT)
 
 
 def test_model_runs_are_wrapped_in_spaces_gpu_when_spaces_is_importable(pipeline, monkeypatch):
@@ -479,7 +479,7 @@ def test_python_app_py_serves_and_falls_back_to_tiny(tmp_path):
         output = log.read()
         assert config is not None, f"the app did not come up:\n{output}"
         values = " ".join(str(c.get("props", {}).get("value")) for c in config["components"])
-        assert "random demo weights" in values and "fell back" in values
+        assert "trained on synthetic clips of shapes" in values and "fell back" in values
         assert "falling back to the tiny model" in output and "no-such-model" in output
     finally:
         server.terminate()

@@ -96,10 +96,10 @@ def in_view(page, selector: str) -> bool:
 
 
 def ask_about_the_scene_cut(page) -> None:
-    page.locator("#video input[type=file]").set_input_files(str(ROOT / "assets" / "examples" / "scene_cut.mp4"))
+    page.locator("#video input[type=file]").set_input_files(str(ROOT / "assets" / "examples" / "change.mp4"))
     page.wait_for_function("document.querySelector('#status-line').innerText.includes('New conversation about')")
     question = page.locator("#question textarea")
-    question.fill("What changes halfway through the video?")
+    question.fill("What colour is the background at the end?")
     page.locator("#send").click()
 
 
