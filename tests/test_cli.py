@@ -99,7 +99,7 @@ def test_plain_output_streams_the_answer_and_says_what_tiny_knows(shared_videos)
     (["{edge}/white.mp4", "   "], "question is empty"),
     (["{edge}/white.mp4", "q", "--merge-ratio", "1.5"], "merge_ratio"),
     (["{edge}/white.mp4", "q", "--window", "3"], "power of two"),
-    (["{edge}/white.mp4", "q", "--prune-layer", "4"], "prune_layer"),
+    (["{edge}/white.mp4", "q", "--prune-layer", "6"], "prune_layer"),
     (["{edge}/white.mp4", "q", "--threshold", "2"], "reselect_threshold"),
     (["{edge}/white.mp4", "q", "--frames", "0"], "frames"),
     (["{edge}/white.mp4", "q", "--max-new-tokens", "100000"], "max new tokens"),
