@@ -12,7 +12,8 @@ from dycoke.limits import MAX_FRAMES, RequestError, check_frames, check_new_toke
 from dycoke.methods import configure, get_method, matchable_names, method_names
 from dycoke.video import VideoError, load_video_isolated
 
-TINY_NOTICE = "note: the 'tiny-random' model has random weights; its answers are meaningless (token counts and timings are real)"
+RANDOM_NOTICE = ("note: the '{name}' model has random weights; its answers are meaningless "
+                 "(token counts and timings are real)")
 
 
 # Methods whose knobs become CLI options straight from their knob specs (the older ones have theirs spelled out).
@@ -30,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     answer = commands.add_parser("answer", help="answer a question about a video")
     answer.add_argument("video", help="path to a video file")
     answer.add_argument("question", help="the question to ask about the video")
-    answer.add_argument("--model", default="tiny-random", help="tiny-random, a Hugging Face Hub id or a local path (default: tiny-random)")
+    answer.add_argument("--model", default="tiny-random",
+                        help="a random-weight preset (tiny-random, mini, ov-0.5b, ov-7b, qwen2.5-vl-tiny, "
+                             "qwen3-vl-tiny, qwen2.5-vl-7b, qwen3-vl-8b), tiny (the trained checkpoint), a Hugging "
+                             "Face Hub id of LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL, or a local directory "
+                             "(default: tiny-random)")
     answer.add_argument("--method", default="dycoke", choices=method_names(), help="compression method")
     answer.add_argument("--frames", type=int, default=32, help=f"frames sampled uniformly, 1..{MAX_FRAMES}")
     answer.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens")
@@ -99,7 +104,7 @@ def run_answer(args: argparse.Namespace) -> int:
             print(event.text, end="", flush=True)
     print()
     if pipeline.loaded.is_random:
-        print(TINY_NOTICE, file=sys.stderr)
+        print(RANDOM_NOTICE.format(name=pipeline.loaded.name), file=sys.stderr)
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
+from dycoke.pruning import interleaved_positions, kept_prompt_positions, visual_span
 from dycoke.ttm import kept_count
 
 SCORING_HOOK = "_dycoke_fastv_scoring_hook"
@@ -30,10 +31,11 @@ class FastVCache(DynamicCache):
     """A DynamicCache whose layers >= K hold only the tokens FastV kept; all per-request FastV state lives here."""
 
     def __init__(self, visual_start: int, frame_of_visual: torch.Tensor, num_frames: int, layer: int,
-                 ratio: float) -> None:
+                 ratio: float, visual_positions: torch.Tensor | None = None) -> None:
         super().__init__()
         self.visual_start = visual_start
         self.visual_end = visual_start + frame_of_visual.numel()
+        self.visual_positions = interleaved_positions(visual_positions, visual_start)  # None: one run from visual_start
         self.frame_of_visual = frame_of_visual
         self.num_frames = num_frames
         self.layer = layer
@@ -63,13 +65,12 @@ class FastVCache(DynamicCache):
     def select(self, scores: torch.Tensor) -> None:
         """Keep the visual tokens with the highest scores, in position order, plus every non-visual token."""
         length = scores.numel()
-        top = torch.topk(scores[self.visual_start:self.visual_end], self.keep_visual, sorted=False).indices
+        visual = visual_span(scores, self.visual_start, self.visual_end, self.visual_positions)
+        top = torch.topk(visual, self.keep_visual, sorted=False).indices
         self.kept_visual = torch.sort(top).values
-        self.kept_positions = torch.cat([
-            torch.arange(self.visual_start, device=scores.device),
-            self.kept_visual + self.visual_start,
-            torch.arange(self.visual_end, length, device=scores.device),
-        ])
+        kept = kept_prompt_positions(self.visual_start, self.visual_end, self.visual_positions, self.kept_visual,
+                                     length, scores.device)
+        self.kept_positions = torch.sort(kept).values  # prompt order: the prefill stays causal
         self.prompt_length = length
         self.scores = scores
         frames = self.frame_of_visual[self.kept_visual.to(self.frame_of_visual.device)]
@@ -80,7 +81,10 @@ def last_token_attention(attention: torch.nn.Module, hidden_states: torch.Tensor
                          position_embeddings: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
     """Softmax attention of the last query over all cached keys of its layer, averaged over query heads: [S]."""
     head_dim = attention.head_dim
-    query = attention.q_proj(hidden_states[:, -1:]).view(1, 1, -1, head_dim).transpose(1, 2)
+    query = attention.q_proj(hidden_states[:, -1:]).view(1, 1, -1, head_dim)
+    if hasattr(attention, "q_norm"):  # Qwen3-VL normalises each head's query before rotating it
+        query = attention.q_norm(query)
+    query = query.transpose(1, 2)
     cos, sin = (table[:, -1:] for table in position_embeddings)
     query, _ = apply_rotary_pos_emb(query, query, cos, sin)
     kv_heads = keys.shape[1]

@@ -43,14 +43,15 @@ class VisualLayout:
     start: int
     frame_of_token: torch.Tensor  # [V] frame index of each kept visual token
     num_frames: int
+    positions: torch.Tensor | None = None  # [V] prompt index of each kept visual token; None: start, start+1, ...
 
 
 @dataclass(frozen=True)
 class VisualInput:
     """What the vision side produced for one request, handed to a method to compress."""
 
-    frame_tokens: torch.Tensor  # [T, N, D] projected, pooled frame tokens
-    model: torch.nn.Module  # the LLaVA-OneVision model, for methods that look inside the vision tower
+    frame_tokens: torch.Tensor  # [T, N, D] projected frame tokens (T temporal groups on Qwen-VL)
+    model: torch.nn.Module  # the model, for methods that look inside the vision tower
     feature_layer_input: torch.Tensor | None = None  # [T, P, Dv] entering the vision feature layer, if asked for
 
 
@@ -61,10 +62,11 @@ class CompressedVisual:
     tokens: torch.Tensor  # [V, D] in prompt order
     keep_mask: torch.Tensor  # bool [T, N]: pooled positions that enter the LLM as themselves
     frame_of_token: torch.Tensor  # [V] frame of each token
+    token_index: torch.Tensor | None = None  # [V] index in T·N of each token; None where tokens were merged
 
     @classmethod
     def from_mask(cls, frame_tokens: torch.Tensor, mask: torch.Tensor) -> "CompressedVisual":
-        return cls(frame_tokens[mask], mask, mask.nonzero()[:, 0])
+        return cls(frame_tokens[mask], mask, mask.nonzero()[:, 0], mask.flatten().nonzero()[:, 0])
 
     @classmethod
     def from_placed(cls, placed: Placed, num_frames: int, tokens_per_frame: int) -> "CompressedVisual":
@@ -177,6 +179,7 @@ class DyCokeMethod(Method):
             prune_layer=config.prune_layer,
             prune_ratio=config.prune_ratio,
             reselect_threshold=config.reselect_threshold,
+            visual_positions=layout.positions,
         )
 
     def step_record(self, cache: Cache, step_index: int, entered_per_frame: list[int]) -> StepRecord:
@@ -263,7 +266,8 @@ class FastVMethod(_PeerMethod):
     def make_cache(self, layout: VisualLayout, config: DyCokeConfig) -> Cache:
         if self.ratio is None:
             raise ConfigError("fastv needs fastv_ratio or a method to match")
-        return FastVCache(layout.start, layout.frame_of_token, layout.num_frames, self.layer, self.ratio)
+        return FastVCache(layout.start, layout.frame_of_token, layout.num_frames, self.layer, self.ratio,
+                          layout.positions)
 
     def step_record(self, cache: Cache, step_index: int, entered_per_frame: list[int]) -> StepRecord:
         if isinstance(cache, FastVCache) and cache.selected:

@@ -14,17 +14,13 @@ from transformers import Cache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from dycoke.config import DyCokeConfig
-from dycoke.limits import (
-    MAX_FRAMES, RequestError, VideoLimits, check_frames, check_new_tokens, check_question_tokens, clean_question,
-)
+from dycoke.families import Geometry, PromptLayout, VideoFeatures, check_context, question_ids
+from dycoke.families.llava_onevision import encode_prompt  # noqa: F401  (LLaVA-OneVision's prompt, re-exported)
+from dycoke.limits import MAX_FRAMES, RequestError, VideoLimits, check_frames, check_new_tokens
 from dycoke.methods import Method, VisualInput, VisualLayout, get_method, install_hooks
 from dycoke.metrics import Clock, RequestTimes, cache_bytes, peak_memory_bytes, reset_peak_memory
 from dycoke.models import LoadedModel
-from dycoke.video import VideoClip, load_video_isolated, to_pixel_values
-from dycoke.visionzip import feature_layer_index
-
-SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"
+from dycoke.video import VideoClip, load_video_isolated
 Progress = Callable[[float, str], None]
 # What running out of memory raises: CUDA's allocator (torch.OutOfMemoryError, a RuntimeError) or the host's.
 OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
@@ -71,6 +67,7 @@ class Prepared:
     keep_mask: torch.Tensor
     ttm_kept_per_frame: list[int]
     times: RequestTimes
+    generate_kwargs: dict = field(default_factory=dict)  # what the family adds to generate (M-RoPE position_ids)
 
 
 class Pipeline:
@@ -112,20 +109,22 @@ class Pipeline:
         settings = chosen.effective_config(requested)
         settings.check_layers(self.loaded.num_layers)
         chosen.check_model(self.loaded.num_layers)
+        self.loaded.family.check_method(chosen, self.loaded.model)
         check_new_tokens(max_new_tokens)
-        prompt = encode_prompt(self.loaded.tokenizer, question)
+        question_ids(self.loaded.tokenizer, question)  # refuse a bad question before decoding the video
         report = progress or (lambda fraction, message: None)
 
         if not isinstance(video, VideoClip):
             report(0.0, "decoding video")
         clip = video if isinstance(video, VideoClip) else self.load_video(video, num_frames)
         times = RequestTimes(decode_video_s=clip.decode_seconds)
-        chosen = chosen.resolve(requested, clip.num_frames, self.loaded.tokens_per_frame)  # e.g. a matched budget
+        geometry = self.geometry(clip)
+        chosen = chosen.resolve(requested, geometry.groups, geometry.tokens_per_group)  # e.g. a matched budget
         report(0.3, "encoding frames")
         out_of_memory = False
         try:
             with torch.inference_mode():
-                prepared = self.prepare(clip, prompt, chosen, settings, times)
+                prepared = self.prepare(clip, question, chosen, settings, times, max_new_tokens)
         except OUT_OF_MEMORY:
             out_of_memory = True  # raised below, outside this block, so no traceback keeps the tensors alive
         if out_of_memory:
@@ -143,56 +142,55 @@ class Pipeline:
         return RequestError(f"out of memory at {num_frames} frames: use fewer frames (or fewer new tokens) "
                             "and ask again")
 
-    def prepare(self, clip: VideoClip, prompt: tuple[list[int], list[int]], method: Method,
-                settings: DyCokeConfig, times: RequestTimes | None = None) -> Prepared:
+    def geometry(self, clip: VideoClip) -> Geometry:
+        """Temporal groups and tokens per group of this clip on this model."""
+        height, width = clip.frames.shape[1:3]
+        return self.loaded.family.geometry(self.loaded.model, clip.num_frames, height, width)
+
+    def layout(self, clip: VideoClip, question: str) -> tuple[Geometry, PromptLayout]:
+        """The clip's geometry and the full prompt layout, every visual token included."""
+        geometry = self.geometry(clip)
+        loaded = self.loaded
+        return geometry, loaded.family.layout(loaded.model, loaded.tokenizer, question, geometry, clip.timestamps,
+                                              clip.fps)
+
+    def frame_times_and_tokens(self, clip: VideoClip) -> tuple[list[float], int]:
+        """The times of the clip's frames as the traces count them (temporal groups), and tokens per frame."""
+        geometry = self.geometry(clip)
+        return self.loaded.family.group_times(clip.timestamps, geometry), geometry.tokens_per_group
+
+    def prepare(self, clip: VideoClip, question: str, method: Method, settings: DyCokeConfig,
+                times: RequestTimes | None = None, max_new_tokens: int | None = None) -> Prepared:
         """Vision features, compression and the prompt embeddings: everything up to the first generate call.
 
-        `method` must be resolved (Method.resolve) for this clip; `stream` does that.
+        `method` must be resolved (Method.resolve) for this clip; `stream` does that. Given `max_new_tokens`, a
+        request that would not fit the model's context is refused before any vision work.
         """
         times = times or RequestTimes()
-        device = self.loaded.device
-        reset_peak_memory(device)
-        model = self.loaded.model
+        reset_peak_memory(self.loaded.device)
+        model, family = self.loaded.model, self.loaded.family
+        geometry, layout = self.layout(clip, question)
+        if max_new_tokens is not None:
+            check_context(model, layout, geometry, max_new_tokens)
         times.vision_start = self.clock.now()
-        frame_tokens, newline, feature_layer_input = self._vision_features(clip, method.needs_vision_states)
+        features = self._vision_features(clip, geometry, method.needs_vision_states)
         times.vision_end = self.clock.now()
-        compressed = method.compress(VisualInput(frame_tokens, model, feature_layer_input), settings)
-        kept_tokens = compressed.tokens
-        embed = model.get_input_embeddings()
-        prefix, suffix = (torch.tensor([ids], device=embed.weight.device) for ids in prompt)
-        embeds = torch.cat(
-            [embed(prefix), kept_tokens[None].to(embed.weight.device), newline[None, None], embed(suffix)], dim=1
-        )
-        layout = VisualLayout(
-            start=len(prompt[0]),
+        compressed = method.compress(VisualInput(features.frame_tokens, model, features.layer_input), settings)
+        inputs = family.model_inputs(model, layout, features, compressed)
+        visual = VisualLayout(
+            start=int(inputs.visual_positions[0]) if inputs.visual_positions.numel() else 0,
             frame_of_token=compressed.frame_of_token,
-            num_frames=clip.num_frames,
+            num_frames=geometry.groups,
+            positions=inputs.visual_positions,
         )
-        cache = method.make_cache(layout, settings)
-        ttm_kept_per_frame = torch.bincount(compressed.frame_of_token, minlength=clip.num_frames).tolist()
+        cache = method.make_cache(visual, settings)
+        ttm_kept_per_frame = torch.bincount(compressed.frame_of_token, minlength=geometry.groups).tolist()
         times.compress_end = self.clock.now()
-        return Prepared(embeds, cache, compressed.keep_mask, ttm_kept_per_frame, times)
+        return Prepared(inputs.embeds, cache, compressed.keep_mask, ttm_kept_per_frame, times, inputs.generate_kwargs)
 
-    def _vision_features(self, clip: VideoClip, with_feature_layer_input: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Frame tokens [T, N, D], the newline token and, if asked, the hidden state entering the feature layer."""
-        model = self.loaded.model
-        vision = model.model.vision_tower
-        pixels = to_pixel_values(clip.frames, self.loaded.image_size)
-        pixels = pixels.to(device=next(vision.parameters()).device, dtype=self.loaded.dtype)
-        capture = {}
-        if with_feature_layer_input:  # hidden states are counted from the embeddings: index i enters layer i
-            index = feature_layer_index(model)
-            capture["output_hidden_states"] = [index - 1, index]
-        outputs = model.get_video_features(
-            pixel_values_videos=pixels[None],
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-            **capture,
-        )
-        features = outputs.pooler_output[0]
-        frame_tokens = features[:-1].view(clip.num_frames, self.loaded.tokens_per_frame, -1)
-        return frame_tokens, features[-1], outputs.hidden_states[index - 1] if capture else None
+    def _vision_features(self, clip: VideoClip, geometry: Geometry, with_layer_input: bool = False) -> VideoFeatures:
+        """Frame tokens [T groups, N, D] and, if asked, the hidden state entering the vision feature layer."""
+        return self.loaded.family.encode(self.loaded.model, clip.frames, geometry, with_layer_input)
 
     def _generate(self, prepared: Prepared, clip: VideoClip, method: Method, settings: DyCokeConfig,
                   max_new_tokens: int, ignore_eos: bool) -> Iterator[Event]:
@@ -235,6 +233,7 @@ class Pipeline:
                     attention_mask=torch.ones(prepared.embeds.shape[:2], dtype=torch.long,
                                               device=prepared.embeds.device),
                     past_key_values=prepared.cache,
+                    **prepared.generate_kwargs,
                     max_new_tokens=max_new_tokens,
                     min_new_tokens=max_new_tokens if ignore_eos else 0,
                     do_sample=False,
@@ -265,10 +264,11 @@ class Pipeline:
             "visual_tokens_attended_mean": sum(attended) / len(attended) if attended else float(visual_after_ttm),
             "reselections": method.reselections(cache),
         }
+        frame_times, tokens_per_frame = self.frame_times_and_tokens(clip)
         trace = {
-            "frames": clip.num_frames,
-            "tokens_per_frame": self.loaded.tokens_per_frame,
-            "frame_times_s": [round(t, 4) for t in clip.timestamps],
+            "frames": len(frame_times),
+            "tokens_per_frame": tokens_per_frame,
+            "frame_times_s": [round(t, 4) for t in frame_times],
             "ttm_kept_per_frame": prepared.ttm_kept_per_frame,
             "ttm_keep_mask": prepared.keep_mask.int().tolist(),
             "steps": [{"kept_per_frame": s.kept_per_frame, "reselected": s.reselected} for s in steps],
@@ -331,12 +331,3 @@ class _TraceStreamer(BaseStreamer):
         step = StepTrace(index + 1, record.kept_per_frame, record.reselected)
         self.steps.append(step)
         self.events.put(step)
-
-
-def encode_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the video; user text can never become chat-template special tokens."""
-    cleaned = clean_question(question)
-    question_ids = tokenizer(cleaned, add_special_tokens=False, split_special_tokens=True).input_ids
-    check_question_tokens(len(question_ids))
-    template = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    return template(SYSTEM_TURN), template("\n") + question_ids + template(ASSISTANT_TURN)

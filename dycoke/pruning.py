@@ -99,10 +99,13 @@ class DyCokeCache(DynamicCache):
         prune_layer: int,
         prune_ratio: float,
         reselect_threshold: float,
+        visual_positions: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.visual_start = visual_start
         self.visual_end = visual_start + frame_of_visual.numel()
+        # Where each visual token sits in the prompt, when text sits between them (Qwen3-VL's timestamps).
+        self.visual_positions = interleaved_positions(visual_positions, visual_start)
         self.frame_of_visual = frame_of_visual
         self.num_frames = num_frames
         self.prune_layer = prune_layer
@@ -226,7 +229,7 @@ class DyCokeCache(DynamicCache):
         query, scaling = self._pending_query
         self._pending_query = None
         scores = head_mean_scores(query, keys, scaling)
-        self.observe(scores[self.visual_start:self.visual_end])
+        self.observe(visual_span(scores, self.visual_start, self.visual_end, self.visual_positions))
         if started:
             self.stopwatch.stop("score", started)
 
@@ -237,11 +240,8 @@ class DyCokeCache(DynamicCache):
     def _kept_positions(self, length: int, device: torch.device) -> torch.Tensor:
         """Prefill positions the pruned layers attend to: text, the selected visual tokens, text."""
         if self._positions is None or self._positions[:2] != (length, device):
-            positions = torch.cat([
-                torch.arange(self.visual_start, device=device),
-                self.selected.to(device) + self.visual_start,
-                torch.arange(self.visual_end, length, device=device),
-            ])
+            positions = kept_prompt_positions(self.visual_start, self.visual_end, self.visual_positions,
+                                              self.selected.to(device), length, device)
             self._positions = (length, device, positions)
         return self._positions[2]
 
@@ -261,10 +261,45 @@ class DyCokeCache(DynamicCache):
         return full + (self.compact.nbytes if self.compact is not None else 0)
 
 
+def interleaved_positions(visual_positions: torch.Tensor | None, visual_start: int) -> torch.Tensor | None:
+    """The visual tokens' prompt positions if they are not one run from visual_start, else None."""
+    if visual_positions is None or visual_positions.numel() == 0:
+        return None
+    run = visual_start + torch.arange(visual_positions.numel(), device=visual_positions.device)
+    return None if torch.equal(visual_positions, run) else visual_positions
+
+
+def visual_span(scores: torch.Tensor, visual_start: int, visual_end: int,
+                visual_positions: torch.Tensor | None) -> torch.Tensor:
+    """The scores of the visual tokens, in visual order."""
+    if visual_positions is None:
+        return scores[visual_start:visual_end]
+    return scores[visual_positions.to(scores.device)]
+
+
+def kept_prompt_positions(visual_start: int, visual_end: int, visual_positions: torch.Tensor | None,
+                          selected: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+    """Prompt positions that pruned layers attend to: the text before the video, the selected visual tokens, then
+    every other prompt token. The selected run keeps its place, so a reselection rewrites only that run."""
+    if visual_positions is None:
+        chosen, rest = selected + visual_start, torch.arange(visual_end, length, device=device)
+    else:
+        visual_positions = visual_positions.to(device)
+        chosen = visual_positions[selected]
+        is_rest = torch.ones(length, dtype=torch.bool, device=device)
+        is_rest[:visual_start] = False
+        is_rest[visual_positions] = False
+        rest = is_rest.nonzero()[:, 0]
+    return torch.cat([torch.arange(visual_start, device=device), chosen, rest])
+
+
 def rotated_query(attention: torch.nn.Module, hidden_states: torch.Tensor,
                   position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The attention module's query for `hidden_states`, with rotary applied: [1, heads, 1, head_dim]."""
-    query = attention.q_proj(hidden_states).view(1, 1, -1, attention.head_dim).transpose(1, 2)
+    query = attention.q_proj(hidden_states).view(1, 1, -1, attention.head_dim)
+    if hasattr(attention, "q_norm"):  # Qwen3-VL normalises each head's query before rotating it
+        query = attention.q_norm(query)
+    query = query.transpose(1, 2)
     cos, sin = position_embeddings
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return query * cos + rotate_half(query) * sin  # the query half of apply_rotary_pos_emb

@@ -41,7 +41,7 @@ def fastv_run(pipeline, tiny_random, clip8):
     method = configure("fastv", fastv_layer=2, fastv_ratio=0.5)
     prompt = encode_prompt(tiny_random.tokenizer, QUESTION)
     with torch.inference_mode():
-        prepared = pipeline.prepare(clip8, prompt, method, method.effective_config(DyCokeConfig()))
+        prepared = pipeline.prepare(clip8, QUESTION, method, method.effective_config(DyCokeConfig()))
         ids = tiny_random.model.generate(inputs_embeds=prepared.embeds, past_key_values=prepared.cache, max_new_tokens=5,
                                   min_new_tokens=5, do_sample=False)
     return prepared, len(prompt[0]), ids

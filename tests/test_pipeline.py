@@ -25,7 +25,7 @@ def run(pipeline: Pipeline, clip, method: str = "dycoke", **config) -> Result:
 def test_baseline_equals_plain_generate(pipeline, tiny_random, clip8):
     prompt = encode_prompt(tiny_random.tokenizer, QUESTION)
     with torch.inference_mode():
-        prepared = pipeline.prepare(clip8, prompt, get_method("baseline"), DyCokeConfig())
+        prepared = pipeline.prepare(clip8, QUESTION, get_method("baseline"), DyCokeConfig())
         plain = tiny_random.model.generate(
             inputs_embeds=prepared.embeds, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
         )

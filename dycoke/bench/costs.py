@@ -95,6 +95,30 @@ def vision_flops(vision_config, frames: int, text_hidden: int) -> int:
     return frames * (embed + vision_config.num_hidden_layers * layer + head + projector)
 
 
+def qwen_vision_flops(model_config, geometry) -> int:
+    """Matmul FLOPs of the Qwen2.5-VL / Qwen3-VL vision tower on a clip, with its patch merger(s).
+
+    Per temporal group of P patches (attention never crosses groups): the 3-D patch embedding, then per block
+    2·P·(4d² + m·d·I) for the projections and the MLP (m = 3 matrices gated on Qwen2.5-VL, 2 on Qwen3-VL) and
+    4·P·A·d for attention over A keys (every patch of the group at full-attention blocks, one window at Qwen2.5-VL's
+    windowed ones); every merger maps each 2x2 group of patches (4d) -> 4d -> the language model's width.
+    """
+    vision = model_config.vision_config
+    merge = vision.spatial_merge_size
+    patches = geometry.tokens_per_group * merge**2
+    d, inner = vision.hidden_size, vision.intermediate_size
+    embed = 2 * patches * 3 * vision.temporal_patch_size * vision.patch_size**2 * d
+    gated = model_config.model_type == "qwen2_5_vl"
+    full_blocks = set(getattr(vision, "fullatt_block_indexes", None) or []) if gated else set(range(vision.depth))
+    window = min(patches, (vision.window_size // vision.patch_size) ** 2) if gated else patches
+    blocks = sum(2 * patches * (4 * d * d + (3 if gated else 2) * d * inner)
+                 + 4 * patches * (patches if block in full_blocks else window) * d for block in range(vision.depth))
+    wide = d * merge**2
+    mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", None) or [])
+    merger = 2 * (patches // merge**2) * (wide * wide + wide * vision.out_hidden_size)
+    return geometry.groups * (embed + blocks + mergers * merger)
+
+
 def kv_bytes(config, keys_per_layer: int | Sequence[float], bytes_per_value: int) -> float:
     """Bytes of K and V for `keys_per_layer` positions (one count, or one per layer)."""
     dims = TextDims.of(config)

@@ -108,20 +108,18 @@ class BenchSettings:
 def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None = None,
               log: Callable[[str], None] = lambda line: None) -> dict:
     """Measure every (frames, method) and return the report: settings, machine, model, and one row each."""
-    from dycoke.pipeline import encode_prompt
-
     loaded = pipeline.loaded
     clock = pipeline.clock
     measured = device_spec is None and needs_measuring(loaded.device)
     device_spec = device_spec or device_spec_for(loaded.device, loaded.dtype, clock)
     timer = ForwardTimer(loaded.model, clock)
-    prefix, suffix = encode_prompt(loaded.tokenizer, QUESTION)
-    text_tokens = len(prefix) + len(suffix) + 1  # the newline after the frames is a text token too
     weights = model_weights(loaded.model)
     load_before = load_average()
     rows = []
     for frames in settings.frames:
         clip, video_decode_ms = _clip(pipeline, settings.video, frames)
+        geometry, layout = pipeline.layout(clip, QUESTION)
+        text_tokens = layout.input_ids.numel() - geometry.frame_tokens  # LLaVA-OV's newline, Qwen's markers too
         samples: dict[str, list[Sample]] = {spec.label: [] for spec in settings.methods}
         for repeat in range(settings.warmup + settings.repeats):
             shift = repeat % len(settings.methods)
@@ -134,7 +132,7 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
                 if repeat >= settings.warmup:
                     samples[spec.label].append(sample)
         frame_rows = [
-            summarise(spec, frames, samples[spec.label], loaded, text_tokens, weights, video_decode_ms)
+            summarise(spec, frames, samples[spec.label], loaded, text_tokens, weights, video_decode_ms, geometry)
             for spec in settings.methods
         ]
         add_ratios(frame_rows)
@@ -155,7 +153,8 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
             "attention": getattr(loaded.model.config, "_attn_implementation", None),
             "weight_bytes": weights["all"],
             "language_weight_bytes": weights["language"],
-            "text_config": dims_dict(TextDims.of(loaded.model.config.text_config)),
+            "text_config": dims_dict(TextDims.of(loaded.model.config.get_text_config())),
+            "family": loaded.family.name,
             "tokens_per_frame": loaded.tokens_per_frame,
         },
         "settings": {
@@ -169,7 +168,7 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
             "order": "interleaved: every repeat runs every method once, starting one method later each repeat",
             "video": settings.video or "synthetic moving shapes, 384x384, generated in-process",
             "question": QUESTION,
-            "prompt_text_tokens": text_tokens,
+            "prompt_text_tokens": text_tokens,  # at the last frame count
             "config": settings.base_config.to_dict(),
         },
         "device_table": {key: spec.to_dict() for key, spec in DEVICE_TABLE.items()} | {"used": device_spec.to_dict()},

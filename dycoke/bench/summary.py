@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dycoke.bench.costs import TextDims, decode_flops, kv_bytes, physical_limits, prefill_flops, vision_flops
+from dycoke.bench.costs import (
+    TextDims, decode_flops, kv_bytes, physical_limits, prefill_flops, qwen_vision_flops, vision_flops,
+)
 from dycoke.bench.devices import DEVICE_TABLE, DeviceSpec
 from dycoke.bench.specs import MethodSpec
 
@@ -31,10 +33,10 @@ def _median(values: Sequence[float]) -> float | None:
 
 
 def summarise(spec: MethodSpec, frames: int, samples: list[Sample], loaded, text_tokens: int, weights: dict,
-              video_decode_ms: float) -> dict:
+              video_decode_ms: float, geometry) -> dict:
     """One row of the report: medians, spreads, token counts, analytic FLOPs and bytes, limits on every device."""
     model_config = loaded.model.config
-    text_config = model_config.text_config
+    text_config = model_config.get_text_config()
     first = samples[0].metrics
     config = samples[0].config
     bytes_per_value = torch.empty((), dtype=loaded.dtype).element_size()
@@ -68,7 +70,8 @@ def summarise(spec: MethodSpec, frames: int, samples: list[Sample], loaded, text
                        for layer in range(dims.layers)]
     dp_active = first["reselections"] > 0
     flops = {
-        "vision": vision_flops(model_config.vision_config, frames, text_config.hidden_size),
+        "vision": (vision_flops(model_config.vision_config, frames, text_config.hidden_size)
+                   if loaded.family.name == "llava-onevision" else qwen_vision_flops(model_config, geometry)),
         "prefill": prefill_flops(text_config, prefill_lengths),
         "decode_step": decode_flops(text_config, keys_per_layer, scored_keys=round(mean_context) if dp_active else 0),
     }
