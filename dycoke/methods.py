@@ -73,7 +73,8 @@ class CompressedVisual:
         """Tokens in global position order; the mask marks the position each (possibly merged) token sits at."""
         mask = torch.zeros(num_frames * tokens_per_frame, dtype=torch.bool, device=placed.positions.device)
         mask[placed.positions] = True
-        return cls(placed.tokens, mask.view(num_frames, tokens_per_frame), placed.positions // tokens_per_frame)
+        return cls(placed.tokens, mask.view(num_frames, tokens_per_frame), placed.positions // tokens_per_frame,
+                   placed.positions)
 
 
 class Method:

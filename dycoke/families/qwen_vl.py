@@ -78,8 +78,6 @@ class QwenVL(Family):
 
     def encode(self, model: torch.nn.Module, frames, geometry: Geometry,
                with_layer_input: bool = False) -> VideoFeatures:
-        if with_layer_input:
-            raise refuse("this method", "it reads LLaVA-OneVision's SigLIP feature layer")
         pixels = self.pixel_values(model, frames, geometry)
         visual = model.model.visual
         pixels = pixels.to(device=next(visual.parameters()).device, dtype=visual.dtype)
@@ -113,7 +111,8 @@ class QwenVL(Family):
     def model_inputs(self, model: torch.nn.Module, layout: PromptLayout, features: VideoFeatures,
                      compressed) -> ModelInputs:
         if compressed.token_index is None:
-            raise refuse("a method that merges tokens", "Qwen-VL's M-RoPE needs each visual token's own position")
+            raise refuse("a method whose tokens stand for no position", "Qwen-VL's M-RoPE needs each visual "
+                                                                         "token's position")
         embed = model.get_input_embeddings()
         device = embed.weight.device
         keep, visual_rows = kept_layout_index(layout, compressed.token_index)
@@ -148,6 +147,9 @@ class QwenVL(Family):
         if method.name == "visionzip":
             raise refuse("visionzip", "its adaptation reads LLaVA-OneVision's SigLIP feature layer and 14x14 "
                                       "pooling; Qwen-VL's windowed tower and 2x2 merger are not adapted")
+        if method.needs_vision_states:
+            raise refuse(method.name, "it scores tokens by the attention of LLaVA-OneVision's SigLIP feature "
+                                      "layer, which Qwen-VL's vision tower does not have")
 
     def describe(self, model: torch.nn.Module) -> str:
         return f"{self.name} (M-RoPE, {model.config.vision_config.temporal_patch_size} frames per group)"
