@@ -209,7 +209,8 @@ def build_random(preset: str, device: torch.device, dtype: torch.dtype, seed: in
     return LoadedModel(model, tokenizer, preset, device, dtype, is_random=True)
 
 
-def _llava_onevision_config(sizes: dict, tokenizer) -> tuple[type, LlavaOnevisionConfig]:
+def llava_onevision_config(sizes: dict, tokenizer) -> tuple[type, LlavaOnevisionConfig]:
+    """The model class and a LLaVA-OneVision config with the real geometry and the given text and vision sizes."""
     vocab_size = sizes["text"].get("vocab_size", len(tokenizer))
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False,
@@ -248,7 +249,7 @@ def _qwen_vl_config(config_class: type, model_class: type):
 
 
 RANDOM_CONFIGS = {
-    "llava-onevision": _llava_onevision_config,
+    "llava-onevision": llava_onevision_config,
     "qwen2.5-vl": _qwen_vl_config(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
     "qwen3-vl": _qwen_vl_config(Qwen3VLConfig, Qwen3VLForConditionalGeneration),
 }

@@ -27,14 +27,11 @@ import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from tqdm import tqdm
 from transformers import (
-    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    SiglipVisionConfig,
 )
 
-from dycoke.models import IMAGE_SIZE, PATCH_SIZE, QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS
+from dycoke.models import IMAGE_SIZE, QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS, llava_onevision_config
 from dycoke.pipeline import encode_prompt
 from dycoke.video import to_pixel_values
 from dycoke.videoqa import TASKS, Item, is_correct, make_item, vocabulary
@@ -83,20 +80,9 @@ def build_word_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaOnevisionForConditionalGeneration:
-    config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False,
-                                         **VISION_SIZES),
-        text_config=Qwen2Config(**TEXT_SIZES, vocab_size=len(tokenizer), max_position_embeddings=32768,
-                                tie_word_embeddings=True),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        tie_word_embeddings=True,
-    )
+    model_class, config = llava_onevision_config({"text": TEXT_SIZES, "vision": VISION_SIZES}, tokenizer)
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=torch.float32,
-                                                                 attn_implementation="sdpa")
+    model = model_class._from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
