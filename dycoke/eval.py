@@ -21,13 +21,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from dycoke.budget import VisualBudget
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.methods import Method, configure, get_method, match_budget, method_names
 from dycoke.video import VideoClip
-from dycoke.videoqa import CHANCE, TASKS, TEST_ITEMS_PER_TASK, Item, blank_like, is_correct, items
+from dycoke.videoqa import (CHANCE, EVIDENCE_TASKS, TASKS, TEST_ITEMS_PER_TASK, Item, blank_like, evidence_mask,
+                            is_correct, items)
 
 # DyCoke settings of the sweep: P at the default K, then K at the default P. Peers are matched to the P line.
 SWEEP_PRUNE_RATIOS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -41,6 +43,39 @@ class Prediction:
     visual_tokens_attended: float = 0.0
     decode_steps: int = 0
     reselections: int = 0
+    evidence: "Evidence | None" = None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a method kept of the tokens where an item's answer lives (`videoqa.evidence_mask`), from its trace.
+
+    `kept`: the share of those tokens that enter the language model (TTM, or a peer's pruning before the LLM).
+    `focus`: over the decoding steps, the share of the evidence frames' entering tokens that were attended, over
+    the same share for all frames: 1 attends the evidence frames as much as any, above 1 more, below 1 less.
+    """
+
+    kept: float
+    focus: float | None
+
+
+def trace_evidence(item: Item, trace: dict) -> Evidence | None:
+    """The item's `Evidence` from a result's trace; None where the task has none or tokens are not positions."""
+    if item.task not in EVIDENCE_TASKS:
+        return None
+    cells = evidence_mask(item.frames, round(math.sqrt(trace["tokens_per_frame"])))
+    keep = np.array(trace["ttm_keep_mask"], dtype=bool)
+    if keep.shape != cells.shape or not cells.any():
+        return None
+    frames = cells.any(axis=1)
+    entering = keep.sum(axis=1)
+    shares = []
+    for step in trace["steps"]:
+        attended = np.array(step["kept_per_frame"])
+        if attended.sum():
+            shares.append((attended[frames].sum() / entering[frames].sum()) / (attended.sum() / entering.sum()))
+    kept = (cells & keep).sum() / cells.sum()
+    return Evidence(round(float(kept), 4), round(float(np.mean(shares)), 4) if shares else None)
 
 
 Predictor = Callable[[Item], Prediction]
@@ -80,6 +115,7 @@ class RunScores:
     attended_tokens: list[float] = field(default_factory=list)
     decode_steps: int = 0
     reselections: int = 0
+    evidence: dict[str, list[tuple[Evidence, bool]]] = field(default_factory=dict)  # task -> (evidence, correct)
 
     @property
     def overall(self) -> Score:
@@ -95,6 +131,20 @@ class RunScores:
         self.attended_tokens.append(prediction.visual_tokens_attended)
         self.decode_steps += prediction.decode_steps
         self.reselections += prediction.reselections
+        if prediction.evidence is not None:
+            self.evidence.setdefault(item.task, []).append((prediction.evidence, right))
+
+    def evidence_summary(self) -> dict:
+        """Per task: the mean share of evidence tokens kept and the mean focus, overall and over wrong answers."""
+        mean = lambda values: round(sum(values) / len(values), 4) if values else None  # noqa: E731
+        summary = {}
+        for task, rows in self.evidence.items():
+            focus = [e.focus for e, _ in rows if e.focus is not None]
+            summary[task] = {"kept": mean([e.kept for e, _ in rows]), "focus": mean(focus),
+                             "kept_when_wrong": mean([e.kept for e, right in rows if not right]),
+                             "focus_when_wrong": mean([e.focus for e, right in rows
+                                                       if not right and e.focus is not None])}
+        return summary
 
     def summary(self) -> dict:
         mean = lambda values: round(sum(values) / len(values), 1) if values else 0.0  # noqa: E731
@@ -104,6 +154,7 @@ class RunScores:
             "visual_tokens_prefill": mean(self.prefill_tokens),
             "visual_tokens_attended": mean(self.attended_tokens),
             "reselection_rate": round(self.reselections / self.decode_steps, 4) if self.decode_steps else None,
+            "evidence": self.evidence_summary(),
         }
 
 
@@ -137,7 +188,7 @@ def pipeline_predictor(pipeline, method: Method, config: DyCokeConfig, max_new_t
                                  max_new_tokens=max_new_tokens, num_frames=item.num_frames)
         metrics = result.metrics
         return Prediction(result.answer, metrics["visual_tokens_after_ttm"], metrics["visual_tokens_attended_mean"],
-                          len(result.trace["steps"]), metrics["reselections"])
+                          len(result.trace["steps"]), metrics["reselections"], trace_evidence(item, result.trace))
 
     return predict
 
@@ -249,7 +300,24 @@ def markdown(report: Report) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {overall['accuracy'] * 100:.1f} "
                          f"({low * 100:.0f}–{high * 100:.0f}) | {kept} | {run['visual_tokens_prefill']:.0f} / "
                          f"{run['visual_tokens_attended']:.0f} | {rate} |")
+        lines += evidence_table([r for r in report.runs if r["frames"] == frames and r.get("evidence")])
     return "\n".join(lines).strip() + "\n"
+
+
+def evidence_table(runs: list[dict]) -> list[str]:
+    """Per method and task: % of the answer's tokens kept before the LLM, and the decoding steps' focus on them."""
+    if not runs:
+        return []
+    lines = ["", "Evidence tokens kept (%) / decoding focus on their frames (1 = as any frame), from the traces:", "",
+             "| method | " + " | ".join(EVIDENCE_TASKS) + " |", "|---" * (len(EVIDENCE_TASKS) + 1) + "|"]
+    for run in runs:
+        cells = []
+        for task in EVIDENCE_TASKS:
+            entry = run["evidence"].get(task)
+            focus = f"{entry['focus']:.2f}" if entry and entry["focus"] is not None else "–"
+            cells.append(f"{entry['kept'] * 100:.0f} / {focus}" if entry else "–")
+        lines.append(f"| {run['method']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def accuracy_budget_figure(sweep: list[dict], model: str):

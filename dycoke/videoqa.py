@@ -39,6 +39,11 @@ TASKS = ("static", "motion", "needle", "count", "order", "change")
 SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}  # disjoint: at most 10M items a split
 TEST_ITEMS_PER_TASK = 120  # divisible by 2, 4 and 6: every task's answers are exactly balanced
 # Chance accuracy of a model that sees no video and knows the answer set of each task.
+# The order task draws each shape in its own colour, so that it tests temporal order rather than the recognition of
+# a shape's outline from a few 27-pixel tokens, which a one-layer vision tower barely learns.
+ORDER_COLOURS = {"square": "blue", "circle": "green", "triangle": "red", "star": "yellow"}
+EVIDENCE_TASKS = ("motion", "needle", "count", "order")  # where `evidence_mask` marks the answer's tokens
+LIGHT_SIZE = 112  # the count task's light: one size, so every flash lights the same number of tokens
 CHANCE = {"static": 1 / 6, "motion": 1 / 4, "needle": 1 / 6, "count": 1 / 4, "order": 1 / 2, "change": 1 / 6}
 
 
@@ -107,6 +112,25 @@ def blank_like(item: Item) -> Item:
     return Item(item.id + "-blank", item.task, item.question, item.answer, item.response,
                 np.full_like(item.frames, 128))
 
+
+
+def evidence_mask(frames: np.ndarray, grid: int = 14, threshold: int = 24) -> np.ndarray:
+    """bool [T, grid*grid]: the token cells where a frame differs from the clip's per-pixel median frame.
+
+    The median is the scene the clip mostly shows, so in the tasks of EVIDENCE_TASKS these cells are where the
+    answer lives: the flash of `needle` and `count`, the moving circle, the two shapes of `order`. (`static` has
+    none, and in `change` they mark whichever side of the cut is shorter.) The cells are the language model's
+    visual tokens, which pool the frame on a `grid` x `grid` lattice, row by row.
+    """
+    median = np.median(frames, axis=0)
+    changed = (np.abs(frames.astype(np.int16) - median).max(axis=-1) > threshold)  # [T, H, W]
+    edges = np.linspace(0, frames.shape[1], grid + 1).round().astype(int)
+    cells = np.zeros((frames.shape[0], grid, grid), dtype=bool)
+    for row in range(grid):
+        for column in range(grid):
+            block = changed[:, edges[row]:edges[row + 1], edges[column]:edges[column + 1]]
+            cells[:, row, column] = block.any(axis=(1, 2))
+    return cells.reshape(frames.shape[0], grid * grid)
 
 # --- drawing ----------------------------------------------------------------------------------------------------
 
@@ -239,8 +263,7 @@ def _draw_count(rng: np.random.Generator, index: int, num_frames: int) -> tuple:
     count = int(COUNTS[index % len(COUNTS)])
     background = _dark(rng)
     scene, taken = _busy_background(rng, background)
-    size = rng.uniform(90, 120)
-    light = ("circle", _place(rng, size, taken, margin=0), size, (255, 255, 255))
+    light = ("circle", _place(rng, LIGHT_SIZE, taken, margin=0), LIGHT_SIZE, (255, 255, 255))
     # Flash frames are single frames, at least one frame apart, never the first frame.
     slots = np.arange(1, num_frames, 2)
     flashes = np.sort(rng.choice(slots, count, replace=False))
@@ -261,7 +284,7 @@ def _draw_order(rng: np.random.Generator, index: int, num_frames: int) -> tuple:
     shown = []
     for kind in (first, second):
         size = rng.uniform(100, 140)
-        shown.append((kind, _place(rng, size, taken), size, COLOURS[list(COLOURS)[int(rng.integers(6))]]))
+        shown.append((kind, _place(rng, size, taken), size, COLOURS[ORDER_COLOURS[kind]]))
     # Each shape is on screen for a quarter to a third of the clip; the first leaves before the second comes.
     length = int(rng.integers(max(2, num_frames // 4), max(3, num_frames // 3) + 1))
     gap = int(rng.integers(0, num_frames - 2 * length + 1))

@@ -121,3 +121,48 @@ def test_the_sweep_spans_dycokes_budgets_and_the_chart_has_a_line_per_method():
     figure = accuracy_budget_figure(sweep, "fake")
     assert [trace.name for trace in figure.data] == ["dycoke (P)", "random"]
     assert list(figure.data[0].x) == [148, 444] and list(figure.data[0].y) == [80.0, 90.0]
+
+
+def block_clip(num_frames: int = 8, flash: int = 3):
+    """Black frames; in frame `flash` a white block over the first two token cells of the top row.
+
+    The 14 x 14 token lattice of a 384-pixel frame has cell edges at 0, 27, 55, ... pixels (384 * k / 14 rounded),
+    so pixels [0, 27) x [0, 55) are cells 0 and 1 exactly.
+    """
+    import numpy as np
+
+    frames = np.zeros((num_frames, 384, 384, 3), dtype=np.uint8)
+    frames[flash, 0:27, 0:55] = 255
+    return frames
+
+
+def test_the_evidence_mask_marks_the_cells_that_differ_from_the_median_frame():
+    from dycoke.videoqa import evidence_mask
+
+    cells = evidence_mask(block_clip())
+    assert cells.shape == (8, 196)
+    assert sorted(zip(*cells.nonzero())) == [(3, 0), (3, 1)]
+
+
+def test_trace_evidence_counts_kept_tokens_and_the_focus_on_their_frames():
+    from dycoke.eval import trace_evidence
+    from dycoke.videoqa import Item
+
+    item = Item("x", "needle", "q", "red", "it was red", block_clip())
+    keep = [[1] * 196 for _ in range(8)]
+    keep[3][1] = 0  # one of the two evidence cells dropped before the LLM
+    for t in range(8):  # 100 tokens of every frame enter, 99 others in frame 3 (with cell 0), so shares are known
+        for n in range(100, 196):
+            keep[t][n] = 0
+    entering = [sum(row) for row in keep]
+    assert entering[3] == 99 and entering[0] == 100
+    # Step 1 attends 33 of frame 3's 99 and 50 of each other frame's 100; step 2 attends every frame equally (half).
+    steps = [{"kept_per_frame": [50, 50, 50, 33, 50, 50, 50, 50]},
+             {"kept_per_frame": [50, 50, 50, 49.5, 50, 50, 50, 50]}]
+    trace = {"tokens_per_frame": 196, "ttm_keep_mask": keep, "steps": steps}
+    evidence = trace_evidence(item, trace)
+    assert evidence.kept == 0.5
+    share_1 = (33 / 99) / (383 / 799)
+    share_2 = (49.5 / 99) / (399.5 / 799)
+    assert evidence.focus == pytest.approx(round((share_1 + share_2) / 2, 4))
+    assert trace_evidence(Item("y", "static", "q", "red", "r", block_clip()), trace) is None
