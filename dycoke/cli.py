@@ -10,6 +10,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from dycoke import OFFLINE_DEFAULT
 from dycoke.config import ConfigError, DyCokeConfig
@@ -109,7 +111,8 @@ def run_answer(args: argparse.Namespace) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        pipeline = Pipeline(load(args.model, device=args.device, dtype=dtype))
+        with progress_bars_only_on_a_terminal():
+            pipeline = Pipeline(load(args.model, device=args.device, dtype=dtype))
     except ModelLoadError as error:
         raise RequestError(str(error)) from error
     conversation = Conversation(pipeline, clip, method, config, max_new_tokens=args.max_new_tokens,
@@ -130,6 +133,21 @@ def run_answer(args: argparse.Namespace) -> int:
     elif pipeline.loaded.notice:
         print(f"note: '{pipeline.loaded.name}' is {pipeline.loaded.notice}", file=sys.stderr)
     return 0
+
+
+@contextmanager
+def progress_bars_only_on_a_terminal() -> Iterator[None]:
+    """Weight-loading progress bars for a person watching; none in captured stderr, where an error is one line."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

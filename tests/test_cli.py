@@ -103,7 +103,8 @@ def test_plain_output_streams_the_answer_and_says_what_tiny_knows(shared_videos)
     (["{edge}/white.mp4", "q", "--threshold", "2"], "reselect_threshold"),
     (["{edge}/white.mp4", "q", "--frames", "0"], "frames"),
     (["{edge}/white.mp4", "q", "--max-new-tokens", "100000"], "max new tokens"),
-    (["{edge}/white.mp4", "x" * 3000], "limit is 512"),
+    (["{edge}/white.mp4", "x " * 1500], "limit is 512"),  # over 512 tokens, within the character cap
+    (["{edge}/white.mp4", "x" * 5000], "limit is 512"),  # over the character cap, refused before tokenizing
 ])
 def test_bad_input_exits_1_with_one_line(shared_videos, args, message, capfd):
     args = [arg.replace("{edge}", str(shared_videos / "edge")) for arg in args]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from dycoke.config import ConfigError, DyCokeConfig
 
 POWERS_OF_TWO = {2**i for i in range(64)}
+LONGEST_WINDOW = 256  # the README's documented cap: no window is longer than the longest clip (256 frames)
 
 
 def test_defaults_are_the_papers():
@@ -73,6 +74,8 @@ INVALID = [
     ("window", 6, ["window (W)", "power of two"]),
     ("window", 12, ["window (W)", "power of two"]),
     ("window", 2.5, ["window (W)", "power of two"]),
+    ("window", 512, ["window (W)", "power of two from 1 to 256"]),
+    ("window", 2**100, ["window (W)", "power of two from 1 to 256"]),
     ("prune_layer", 0, ["prune_layer (L)", "1.."]),
     ("prune_layer", -1, ["prune_layer (L)", "1.."]),
     ("prune_layer", 2.5, ["prune_layer (L)", "1.."]),
@@ -116,7 +119,7 @@ def test_bools_rejected(field, label, value):
     {"window": 1},
     {"window": 2},
     {"window": 64},
-    {"window": 1024},
+    {"window": 256},
     {"prune_layer": 1},
     {"prune_layer": 100},
     {"reselect_threshold": -1.0},
@@ -184,7 +187,7 @@ def _tau_ok(value) -> bool:
 
 
 def _window_ok(value) -> bool:
-    return type(value) is int and value in POWERS_OF_TWO
+    return type(value) is int and value in POWERS_OF_TWO and value <= LONGEST_WINDOW
 
 
 def _layer_ok(value) -> bool:
