@@ -33,8 +33,8 @@ from dycoke.limits import RequestError
 from dycoke.methods import Method
 from dycoke.metrics import RequestTimes, cache_bytes, reset_peak_memory
 from dycoke.pipeline import (
-    ASSISTANT_TURN, SYSTEM_TURN, Event, Pipeline, Prepared, Progress, Result, VisionFeatures, encode_question,
-    template_ids,
+    ASSISTANT_TURN, SYSTEM_TURN, VIDEO_NEWLINE_TOKENS, Event, Pipeline, Prepared, Progress, Result, VisionFeatures,
+    encode_question, template_ids,
 )
 from dycoke.pruning import DyCokeCache
 from dycoke.video import VideoClip
@@ -94,14 +94,14 @@ class Conversation:
         self.pipeline = pipeline
         self.clip = video if isinstance(video, VideoClip) else pipeline.load_video(video, num_frames)
         self.method = chosen.resolve(requested, self.clip.num_frames, pipeline.loaded.tokens_per_frame)
+        self._requested = requested
         self.settings = settings
         self.max_new_tokens = max_new_tokens
         self.ignore_eos = ignore_eos
         self.reuse = reuse
         self.max_turns = max_turns
         self.keep_on_host = keep_on_host  # ZeroGPU: the GPU is not held between calls, so the cache waits on the host
-        model_context = pipeline.loaded.model.config.text_config.max_position_embeddings
-        self.context_limit = min(context_limit or model_context, model_context)
+        self.context_limit = min(context_limit or pipeline.context_length, pipeline.context_length)
         self._turns: list[Turn] = []
         self._kept: _Kept | None = None
         self._evicted = False
@@ -199,6 +199,7 @@ class Conversation:
         text_ids = self._history_ids() + turn_ids
         times = RequestTimes(decode_video_s=0.0 if self._turns else self.clip.decode_seconds)
         kept = self._kept if self.reuse and self.method.resumes_cache else None
+        self._check_context(text_ids, kept)  # before any vision work or prefill
         if kept is None and self._evicted:
             self._evicted = False
             yield Notice(REENCODED)
@@ -214,7 +215,6 @@ class Conversation:
             if progress:
                 progress(0.3, "encoding frames")
             prepared, kept = pipeline.guard_memory(lambda: self._from_scratch(text_ids, times), self.clip.num_frames)
-        self._check_context(kept.prefix_length + len(text_ids))
         self._cancel, self._stop_requested = threading.Event(), False
         if progress:
             progress(0.5, "generating")
@@ -300,11 +300,23 @@ class Conversation:
     def _history_ids(self) -> list[int]:
         return [token for turn in self._turns for token in turn.prompt_ids + turn.answer_ids]
 
-    def _check_context(self, prompt_length: int) -> None:
-        needed = prompt_length + self.max_new_tokens
+    def _check_context(self, text_ids: list[int], kept: "_Kept | None") -> None:
+        if not self._turns:  # the first turn: the video itself may be what does not fit
+            self.pipeline.check_context(self.method, self._requested, self.settings, self.clip.num_frames,
+                                        len(self._system_ids) + len(text_ids), self.max_new_tokens,
+                                        self.context_limit)
+            return
+        prefix_length = kept.prefix_length if kept is not None else self._planned_prefix_length()
+        needed = prefix_length + len(text_ids) + self.max_new_tokens
         if needed > self.context_limit:
             raise RequestError(f"this conversation would need {needed} tokens with this turn, past the model's "
                                f"context of {self.context_limit}: start a new conversation")
+
+    def _planned_prefix_length(self) -> int:
+        """The video prefix's length from the method's exact budget: the system turn, visual tokens, newline."""
+        frames, per_frame = self.clip.num_frames, self.pipeline.loaded.tokens_per_frame
+        visual = self.method.budget(self.settings, frames, per_frame).prefill
+        return len(self._system_ids) + visual + VIDEO_NEWLINE_TOKENS
 
     def _to_device(self, cache: Cache, device: torch.device) -> None:
         if not self.keep_on_host:

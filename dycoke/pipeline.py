@@ -28,6 +28,7 @@ from dycoke.visionzip import feature_layer_index
 
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"
+VIDEO_NEWLINE_TOKENS = 1  # LLaVA-OneVision's image_newline, once after the video's tokens
 Progress = Callable[[float, str], None]
 # What running out of memory raises: CUDA's allocator (torch.OutOfMemoryError, a RuntimeError) or the host's.
 OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
@@ -151,6 +152,8 @@ class Pipeline:
         clip = video if isinstance(video, VideoClip) else self.load_video(video, num_frames)
         times = RequestTimes(decode_video_s=clip.decode_seconds)
         chosen = chosen.resolve(requested, clip.num_frames, self.loaded.tokens_per_frame)  # e.g. a matched budget
+        self.check_context(chosen, requested, settings, clip.num_frames, len(prompt[0]) + len(prompt[1]),
+                           max_new_tokens)
         report(0.3, "encoding frames")
         prepared = self.guard_memory(lambda: self.prepare(clip, prompt, chosen, settings, times), clip.num_frames)
         report(0.5, "generating")
@@ -166,6 +169,35 @@ class Pipeline:
         chosen.check_model(self.loaded.num_layers)
         check_new_tokens(max_new_tokens)
         return chosen, requested, settings
+
+    def check_context(self, method: Method, requested: DyCokeConfig, settings: DyCokeConfig, num_frames: int,
+                      text_tokens: int, max_new_tokens: int, context: int | None = None) -> None:
+        """Refuse, before any vision work, a request whose prompt and answer would not fit the model's context,
+        saying how many frames fit.
+
+        Positions run over the tokens that enter the language model, so what counts is the method's prefill
+        budget (exact, from its settings), not the clip's full T·N: DyCoke fits more frames than the baseline.
+        """
+        context = context or self.context_length
+        per_frame = self.loaded.tokens_per_frame
+
+        def needed(frames: int) -> tuple[int, int]:
+            visual = method.resolve(requested, frames, per_frame).budget(settings, frames, per_frame).prefill
+            return visual, text_tokens + visual + VIDEO_NEWLINE_TOKENS + max_new_tokens
+
+        visual, total = needed(num_frames)
+        if total <= context:
+            return
+        fit = next((frames for frames in range(num_frames - 1, 0, -1) if needed(frames)[1] <= context), 0)
+        advice = f"use {fit} frames or fewer" if fit else "shorten the question or the answer"
+        raise RequestError(f"{num_frames} frames give {visual:,} visual tokens with {method.name}; with the prompt "
+                           f"and {max_new_tokens} new tokens that is {total:,}, over this model's context of "
+                           f"{context:,} positions: {advice}")
+
+    @property
+    def context_length(self) -> int:
+        """Positions the language model was built for."""
+        return self.loaded.model.config.get_text_config().max_position_embeddings
 
     def guard_memory(self, work: Callable[[], Value], num_frames: int) -> Value:
         """Run `work` in inference mode; running out of memory becomes the one-line error, with the memory freed."""
