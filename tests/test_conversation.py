@@ -188,17 +188,22 @@ def test_a_byte_budget_smaller_than_one_cache_keeps_nothing_and_still_answers(pi
     assert memory.used_bytes <= 1024
 
 
-def test_a_turn_past_the_context_says_start_a_new_conversation_and_a_shorter_one_still_works(pipeline64, clip4):
+@pytest.mark.parametrize("reuse", [True, False], ids=["reused-prefix", "recomputed-prefix"])
+def test_a_turn_past_the_context_says_start_a_new_conversation_and_a_shorter_one_still_works(pipeline64, clip4,
+                                                                                             reuse):
+    """Checked before the turn's prefill: on the kept cache's length, or on the method's budget when the prefix
+    is recomputed; both must agree with the prefix as measured."""
     probe = Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS)
     first = probe.answer(QUESTIONS[0])
     video_prefix = first.metrics["prefill_tokens"] - len(probe.turns[0].prompt_ids)
     room = video_prefix + len(probe.prompt_ids("Why?")) + NEW_TOKENS + 40  # "Why?" fits, 80 more characters not
-    conversation = Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS, context_limit=room)
+    conversation = Conversation(pipeline64, clip4, "dycoke", max_new_tokens=NEW_TOKENS, context_limit=room,
+                                reuse=reuse)
     conversation.answer(QUESTIONS[0])
     with pytest.raises(RequestError, match="past the model's context of .*: start a new conversation$"):
         conversation.answer("Why? " + "x" * 80)
     assert len(conversation.turns) == 1
-    assert conversation.answer("Why?").metrics["prefix_reused"] is True
+    assert conversation.answer("Why?").metrics["prefix_reused"] is reuse
 
 
 def test_the_turn_limit_says_start_a_new_conversation(pipeline64, clip4):
