@@ -137,6 +137,7 @@ def test_workers_die_with_their_parent(tmp_path: Path) -> None:
     assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.timeout(1200)  # past its 900 s decode limit: encoding and decoding 8000x8000 take minutes on a busy CPU
 def test_a_huge_frame_video_is_decoded_one_frame_at_a_time(tmp_path: Path) -> None:
     """The review's memory case: 8000x8000 H.264. Holding the 8 sampled frames at full size takes 1.5 GB
     (8 x 8000 x 8000 x 3 bytes) in the decoder and again in the caller; decoding straight to 384 x 384 keeps the
