@@ -413,7 +413,7 @@ class DyCokeApp:
         try:
             info = self.check_video(video)
         except gr.Error as error:
-            return self._outputs(**self._cleared(), error=error_markdown(error.message))
+            return self._outputs(**(self._cleared() | {"error": error_markdown(error.message)}))
         return self._outputs(**self._cleared(f"New conversation about `{Path(video).name}` ({info})."))
 
     def check_video(self, video: str) -> str:
@@ -674,7 +674,7 @@ class DyCokeApp:
                     last_plot = now
                     trace = viz.partial_trace(clip.timestamps, self.loaded.tokens_per_frame, steps)
                     updates[f"{role}_heatmap"] = viz.live_step_heatmap(
-                        trace, f"{method.name} · step {len(steps)} (TTM column at the end)", dark=dark)
+                        trace, f"{method.name} · step {len(steps)} (TTM column once the run ends)", dark=dark)
                 if updates:
                     yield self._outputs(**updates)
         except (ConfigError, RequestError, VideoError) as error:  # out of memory is a RequestError too
@@ -781,10 +781,10 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
                 question = gr.Textbox(label="Question", placeholder="Ask about the video and press Enter",
                                       lines=1, max_lines=4, max_length=4096, elem_id="question")
                 with gr.Row():
-                    send = gr.Button("Send", variant="primary", elem_id="send", min_width=70)
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=70)
-                    regenerate = gr.Button("Regenerate", elem_id="regenerate", min_width=70)
-                    clear = gr.Button("Clear", elem_id="clear", min_width=70)
+                    send = gr.Button("Send", variant="primary", elem_id="send", min_width=120)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=120)
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate", min_width=120)
+                    clear = gr.Button("Clear", elem_id="clear", min_width=120)
                 progress_slot = gr.Markdown(elem_id="progress-slot")  # where gr.Progress draws, nothing else
                 example_rows, example_labels = _examples()
                 if example_rows:
