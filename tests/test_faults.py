@@ -161,6 +161,7 @@ def method_answer(client, video: str) -> str:
     import app
     from test_app import FAST, assistant_texts, latest
 
+    client.predict(api_name="/clear")  # a new conversation: the same question again is no follow-up
     job = client.submit(video=handle_file(video), question=QUESTION, api_name="/ask",
                         **(FAST | {"compare": "none", "max_new_tokens": NEW_TOKENS}))
     outputs = [dict(zip(app.OUTPUTS, output)) for output in job]

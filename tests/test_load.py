@@ -141,6 +141,9 @@ def test_eight_users_forty_requests_no_cross_talk(served, pipeline, videos, priv
                 return
             started = time.monotonic()
             try:
+                # Each request is a new conversation, as the same request asked alone is: with the same
+                # video and settings as this user's last one it would otherwise be a follow-up.
+                client.predict(api_name="/clear")
                 job = client.submit(api_name="/ask", **specs[index].api_arguments())
                 final = dict(zip(app.OUTPUTS, job.result(timeout=REQUEST_TIMEOUT_S)))
                 outcome = ("answer", assistant_texts(final["method_chat"])[-1].strip())
