@@ -131,10 +131,7 @@ KNOWN_FAILURES = {
     "tests/test_config.py::test_valid_edge_values_accepted": "issue 11: window now capped at 256",
     "tests/test_config.py::test_property_window": "issue 11: window now capped at 256",
     "tests/test_faults.py::test_the_user_sees_an_error_and_the_next_request_succeeds": "issue 14: error wording",
-    "tests/test_faults.py::test_no_endpoint_takes_a_path_on_the_server": "issue 11/14: upload component",
     "tests/test_hostile.py::test_limits_refuse_before_decoding": "issue 11: decode budget wording",
-    "tests/test_app_uploads.py::test_a_url_is_refused_before_anything_is_fetched": "issue 11/14: upload component",
-    "tests/test_app_uploads.py::test_the_upload_component_is_drawn_as_a_video": "issue 11/14: upload component",
     "tests/test_load.py::test_eight_users_forty_requests_no_cross_talk": "issue 13/14: conversations in the app",
     "tests/test_decoder.py::test_a_huge_frame_video_is_decoded_one_frame_at_a_time": "issue 11: peak memory",
 }
