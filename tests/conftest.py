@@ -130,7 +130,6 @@ KNOWN_FAILURES = {
     "tests/test_app.py::test_a_non_video_upload_gets_the_apps_message_when_it_arrives": "issue 14: upload check",
     "tests/test_config.py::test_valid_edge_values_accepted": "issue 11: window now capped at 256",
     "tests/test_config.py::test_property_window": "issue 11: window now capped at 256",
-    "tests/test_faults.py::test_the_user_sees_an_error_and_the_next_request_succeeds": "issue 14: error wording",
     "tests/test_hostile.py::test_limits_refuse_before_decoding": "issue 11: decode budget wording",
     "tests/test_load.py::test_eight_users_forty_requests_no_cross_talk": "issue 13/14: conversations in the app",
     "tests/test_decoder.py::test_a_huge_frame_video_is_decoded_one_frame_at_a_time": "issue 11: peak memory",
