@@ -126,7 +126,6 @@ def run_in_threads(calls: list, timeout: float = 120.0) -> list:
 # test passes again. strict=False: a test that passes again is reported as XPASS, not an error.
 KNOWN_FAILURES = {
     "tests/test_cli.py::test_bad_input_exits_1_with_one_line": "issue 11/10: CLI limits and the 6-layer default",
-    "tests/test_app.py::test_answers_stream_then_follow_up_reuses_the_decoded_frames": "issue 14: live heatmap",
     "tests/test_config.py::test_valid_edge_values_accepted": "issue 11: window now capped at 256",
     "tests/test_config.py::test_property_window": "issue 11: window now capped at 256",
     "tests/test_hostile.py::test_limits_refuse_before_decoding": "issue 11: decode budget wording",
