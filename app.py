@@ -405,32 +405,32 @@ class DyCokeApp:
         self.conversations.forget(page_key(request))
         return self._outputs(**self._cleared("New conversation: the panes were cleared."))
 
-    def new_video(self, video: str | None, request: gr.Request = None) -> tuple:
-        """A video arrived (or was removed): a new conversation, and the file checked now, before any Send."""
+    def new_video(self, video: str | None, num_frames: int | None = None, request: gr.Request = None) -> tuple:
+        """A video arrived (or was removed): a new conversation, and the file checked now, before any Send, for
+        the page's frame count (Send checks it again for the count it runs with)."""
         self.conversations.forget(page_key(request))
         if not video:
             return self._outputs(**self._cleared())
         try:
-            info = self.check_video(video)
+            info = self.check_video(video, int(num_frames or min(FRAME_CHOICES)))
         except gr.Error as error:
-            return self._outputs(**self._cleared(), error=error_markdown(error.message))
+            return self._outputs(**(self._cleared() | {"error": error_markdown(error.message)}))
         return self._outputs(**self._cleared(f"New conversation about `{Path(video).name}` ({info})."))
 
-    def check_video(self, video: str) -> str:
-        """Probe `video` without decoding it: gr.Error with the app's wording if it is no usable video, else a
-        short description of it."""
+    def check_video(self, video: str, num_frames: int) -> str:
+        """Probe `video` without decoding it: gr.Error with the app's wording if it is no usable video (or too
+        costly to decode `num_frames` of), else a short description of it."""
         if not self.is_upload(video):
             raise gr.Error("Upload the video as a file (in the page, or with gradio_client's handle_file): "
                            "paths on the server are not accepted.")
         try:
-            info = probe(video)
-            check_limits(video, info, self.pipeline.video_limits)
+            limits = self.pipeline.video_limits
+            info = probe(video, limits)
+            check_limits(video, info, limits, num_frames)
         except VideoError as error:
             raise gr.Error(friendly_video_error(error)) from None
         except OSError:
             raise gr.Error("The uploaded video is gone from the server: upload it again.") from None
-        if info is None:
-            return "checked when asked"
         length = "" if info.duration_s is None else f", {info.duration_s:.1f} s"
         return f"{info.width}×{info.height}{length}"
 
@@ -674,7 +674,7 @@ class DyCokeApp:
                     last_plot = now
                     trace = viz.partial_trace(clip.timestamps, self.loaded.tokens_per_frame, steps)
                     updates[f"{role}_heatmap"] = viz.live_step_heatmap(
-                        trace, f"{method.name} · step {len(steps)} (TTM column at the end)", dark=dark)
+                        trace, f"{method.name} · step {len(steps)} (TTM column once the run ends)", dark=dark)
                 if updates:
                     yield self._outputs(**updates)
         except (ConfigError, RequestError, VideoError) as error:  # out of memory is a RequestError too
@@ -781,10 +781,10 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
                 question = gr.Textbox(label="Question", placeholder="Ask about the video and press Enter",
                                       lines=1, max_lines=4, max_length=4096, elem_id="question")
                 with gr.Row():
-                    send = gr.Button("Send", variant="primary", elem_id="send", min_width=70)
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=70)
-                    regenerate = gr.Button("Regenerate", elem_id="regenerate", min_width=70)
-                    clear = gr.Button("Clear", elem_id="clear", min_width=70)
+                    send = gr.Button("Send", variant="primary", elem_id="send", min_width=120)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=120)
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate", min_width=120)
+                    clear = gr.Button("Clear", elem_id="clear", min_width=120)
                 progress_slot = gr.Markdown(elem_id="progress-slot")  # where gr.Progress draws, nothing else
                 example_rows, example_labels = _examples()
                 if example_rows:
@@ -860,7 +860,8 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
                          js=scroll_to_answers_js(len(regenerating) + len(run["inputs_kwargs"])), **run)
         stop.click(handlers.stop, api_name="stop", queue=False)
         clear.click(handlers.clear, outputs=outputs, api_name="clear", queue=False)
-        video.change(handlers.new_video, video, outputs, api_visibility="undocumented", queue=False).then(
+        video.change(handlers.new_video, [video, num_frames], outputs, api_visibility="undocumented",
+                     queue=False).then(
             lambda path: path if path and handlers.is_upload(path) else None, video, preview,
             api_visibility="undocumented", queue=False)
         for chat in (comparison_chat, method_chat):  # a pane's own trash icon clears the whole conversation

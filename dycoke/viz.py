@@ -86,6 +86,13 @@ def _thinned(values: list, most: int) -> list:
     return values[::max(1, math.ceil(len(values) / max(1, most)))]
 
 
+def _step_ticks(labels: list, most: int) -> list:
+    """At most `most` step columns to label: all of them when they fit, else every k-th from the k-th on, so
+    that the first label stands k columns clear of the TTM column's instead of on top of it."""
+    spacing = max(1, math.ceil(len(labels) / max(1, most)))
+    return labels[spacing - 1::spacing]
+
+
 def _step_heatmap_spec(trace: dict, title: str, height: int = HEATMAP_HEIGHT, dark: bool = False) -> dict:
     """The heatmap as a plain {"data", "layout"} dict; `step_heatmap` and `live_step_heatmap` wrap it.
 
@@ -123,7 +130,7 @@ def _step_heatmap_spec(trace: dict, title: str, height: int = HEATMAP_HEIGHT, da
     }
     plot_px = height - HEATMAP_MARGIN["t"] - HEATMAP_MARGIN["b"]
     frame_ticks = _thinned(list(range(num_frames)), int(plot_px * (1 - STRIP_SHARE) // FRAME_TICK_PX))
-    step_ticks = ["TTM"] + _thinned(column_labels[1:], MAX_STEP_TICKS - 1)
+    step_ticks = ["TTM"] + _step_ticks(column_labels[1:], MAX_STEP_TICKS - 1)
     theme = theme_layout(dark)
     layout = {
         "title": {"text": title, "x": 0, "xanchor": "left", "font": {"size": 13}}, "uirevision": HEATMAP_UIREVISION,

@@ -125,12 +125,6 @@ def run_in_threads(calls: list, timeout: float = 120.0) -> list:
 # no time left to mend them. Each is listed in the closing notes of issues 11, 14 and 10; remove an entry when the
 # test passes again. strict=False: a test that passes again is reported as XPASS, not an error.
 KNOWN_FAILURES = {
-    "tests/test_app.py::test_answers_stream_then_follow_up_reuses_the_decoded_frames": "issue 14: live heatmap",
-    "tests/test_app.py::test_a_non_video_upload_gets_the_apps_message_when_it_arrives": "issue 14: upload check",
-    "tests/test_faults.py::test_the_user_sees_an_error_and_the_next_request_succeeds": "issue 14: error wording",
-    "tests/test_faults.py::test_no_endpoint_takes_a_path_on_the_server": "issue 11/14: upload component",
-    "tests/test_app_uploads.py::test_a_url_is_refused_before_anything_is_fetched": "issue 11/14: upload component",
-    "tests/test_app_uploads.py::test_the_upload_component_is_drawn_as_a_video": "issue 11/14: upload component",
     "tests/test_load.py::test_eight_users_forty_requests_no_cross_talk": "issue 13/14: conversations in the app",
 }
 # These hung (a page condition never came) rather than failed, so they are not run until mended.

@@ -69,6 +69,15 @@ def ask(client: Client, video: str | None, question: str, **overrides) -> list[d
     return outputs
 
 
+def api_values(url: str, **values) -> list:
+    """/ask's positional data for a raw HTTP call: each API parameter's value from `values`, else its default
+    (the order as the server's API description gives it, so that the test follows the app's settings)."""
+    api = Client(url, verbose=False, download_files=False).view_api(return_format="dict", print_info=False)
+    parameters = api["named_endpoints"]["/ask"]["parameters"]
+    return [values[p["parameter_name"]] if p["parameter_name"] in values else p["parameter_default"]
+            for p in parameters]
+
+
 def latest(outputs: list[dict]) -> dict:
     """What the page shows at the end: each output's last value that was not skipped."""
     shown = {}
@@ -96,6 +105,12 @@ def user_texts(chat) -> list[str]:
 def figure(value) -> dict:
     assert isinstance(value, dict) and value["type"] == "plotly"
     return json.loads(value["plot"])
+
+
+def has_grid(value) -> bool:
+    """Whether an output is a step heatmap (not skipped, not a placeholder figure)."""
+    return value != SKIPPED and any(trace["type"] == "heatmap" and trace.get("name") == "kept"
+                                    for trace in figure(value)["data"])
 
 
 def heatmap_z(value) -> np.ndarray:
@@ -127,7 +142,8 @@ def test_answers_stream_then_follow_up_reuses_the_decoded_frames(client, street,
     assert method_answer.startswith(first_partial) and len(first_partial) <= len(method_answer)
 
     # A heatmap arrives while the method streams, its TTM column still pending (None).
-    live = [o["method_heatmap"] for o in outputs[:-1] if o["method_heatmap"] != SKIPPED]
+    # (Before it, the pane shows a placeholder while it waits for the comparison: a figure with no grid.)
+    live = [o["method_heatmap"] for o in outputs[:-1] if has_grid(o["method_heatmap"])]
     assert live and np.isnan(heatmap_z(live[0])[:, 0]).all()
 
     # Final heatmaps: frames × (TTM + one column per decoding step after the first token), values in 0..1.

@@ -21,7 +21,9 @@ from conftest import serving  # noqa: E402
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update"]
-TIMEOUT_MS = 600_000
+# Every wait is bounded and a timeout fails the test with what the page showed (and a screenshot), never hangs.
+UI_WAIT_MS = 60_000  # the page reacting to a click or an upload
+RUN_WAIT_MS = 240_000  # both runs of a Send on the tiny model, on a busy CPU
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 README_SHOTS = {("desktop", "light"): "screenshot.png", ("phone", "dark"): "screenshot-phone.png"}
@@ -62,10 +64,26 @@ def open_page(browser, app_url: str, viewport: dict, theme: str, problems: list[
     page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}")
             if message.type == "error" else None)
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    page.set_default_timeout(TIMEOUT_MS)
+    page.set_default_timeout(UI_WAIT_MS)
     page.goto(app_url)
     page.locator("#model-banner").wait_for()
     return context, page
+
+
+def wait_until(page, condition: str, what: str, shots: Path, timeout_ms: int = UI_WAIT_MS) -> None:
+    """Wait for the JavaScript `condition`; past `timeout_ms`, fail saying what did not happen and what the page
+    showed instead (status, error and progress lines), with a screenshot of it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(condition, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        shot = shots / f"timeout-{len(list(shots.glob('timeout-*.png')))}.png"
+        page.screenshot(path=str(shot), full_page=True)
+        shown = page.evaluate("""() => Object.fromEntries(['status-line', 'error-box', 'progress-slot'].map(
+            id => [id, (document.getElementById(id)?.innerText ?? '(absent)').trim().slice(0, 300)]))""")
+        pytest.fail(f"{what}: not within {timeout_ms / 1000:.0f} s; the page showed {shown}; screenshot {shot}",
+                    pytrace=False)
 
 
 def drawn(page, elem_id: str, layer: str) -> int:
@@ -95,18 +113,21 @@ def in_view(page, selector: str) -> bool:
         return r.top >= -1 && r.top < window.innerHeight; }""", selector)
 
 
-def ask_about_the_scene_cut(page) -> None:
+def ask_about_the_scene_cut(page, shots: Path) -> None:
     page.locator("#video input[type=file]").set_input_files(str(ROOT / "assets" / "examples" / "change.mp4"))
-    page.wait_for_function("document.querySelector('#status-line').innerText.includes('New conversation about')")
+    wait_until(page, "document.querySelector('#status-line')?.innerText.includes('New conversation about')",
+               "the upload's status line", shots)
     question = page.locator("#question textarea")
     question.fill("What colour is the background at the end?")
     page.locator("#send").click()
 
 
-def wait_for_the_run(page) -> None:
-    page.wait_for_function("document.querySelector('#method-stats').innerText.includes('TTFT')")
-    page.wait_for_function("document.querySelector('#ttm-view .js-plotly-plot') !== null")
-    page.wait_for_function("document.querySelector('#gauges .js-plotly-plot .barlayer') !== null")
+def wait_for_the_run(page, shots: Path) -> None:
+    wait_until(page, "document.querySelector('#method-stats')?.innerText.includes('TTFT')",
+               "the method's stats after Send", shots, RUN_WAIT_MS)
+    wait_until(page, "document.querySelector('#ttm-view .js-plotly-plot image') !== null", "the TTM view", shots)
+    wait_until(page, "document.querySelector('#gauges .js-plotly-plot .barlayer .point') !== null", "the gauges",
+               shots)
     page.wait_for_timeout(500)
 
 
@@ -119,15 +140,15 @@ def test_a_full_run_reads_well_at_each_size_and_theme(browser, app_url, tmp_path
         banner = page.locator("#model-banner")
         assert "tiny random weights" in banner.inner_text() and "mean nothing" in banner.inner_text()
         if theme == "dark":  # the banner's text stays readable: light text on the dark page
-            page.wait_for_function("document.body.classList.contains('dark')")
+            wait_until(page, "document.body.classList.contains('dark')", "the dark theme", tmp_path)
             colour = page.evaluate("getComputedStyle(document.querySelector('#model-banner p')).color")
             assert colour == "rgb(255, 224, 184)", colour
 
-        ask_about_the_scene_cut(page)
+        ask_about_the_scene_cut(page, tmp_path)
         if size == "phone":  # Send brings the answers into view, past the inputs stacked above them
             page.locator("#method-chat [data-testid='user']").first.wait_for()
             assert in_view(page, "#answers"), "the answers are not in view after Send"
-        wait_for_the_run(page)
+        wait_for_the_run(page, tmp_path)
         assert page.locator("#comparison-chat [data-testid='bot']").last.inner_text().strip()
         assert page.locator("#method-chat [data-testid='bot']").last.inner_text().strip()
         assert page.locator("#question textarea").input_value() == ""
@@ -171,20 +192,24 @@ def test_settings_follow_the_method_and_uploads_are_checked_on_arrival(browser, 
         page.locator("#method input").press("Enter")
         page.locator("#match-budget input").wait_for(state="visible")
         # fastv matched to DyCoke's budget: its layer, and DyCoke's K, W, P that set the budget.
-        page.wait_for_function("document.querySelector('#knob-fastv_layer')?.offsetParent != null")
+        wait_until(page, "document.querySelector('#knob-fastv_layer')?.offsetParent != null", "fastv's layer knob",
+                   tmp_path)
         assert visible_knobs() == {"fastv_layer", "merge_ratio", "window", "prune_ratio"}
         page.locator("#match-budget input").uncheck()
-        page.wait_for_function("document.querySelector('#knob-fastv_ratio')?.offsetParent != null")
+        wait_until(page, "document.querySelector('#knob-fastv_ratio')?.offsetParent != null", "fastv's ratio knob",
+                   tmp_path)
         assert visible_knobs() == {"fastv_layer", "fastv_ratio"}
         page.locator("#reset").click()
-        page.wait_for_function("document.querySelector('#knob-reselect_threshold')?.offsetParent != null")
+        wait_until(page, "document.querySelector('#knob-reselect_threshold')?.offsetParent != null",
+                   "DyCoke's knobs after Reset", tmp_path)
         assert visible_knobs() == dycoke
 
         # A text file is refused with the app's own message as soon as it arrives, before any Send.
         notes = tmp_path / "notes.txt"
         notes.write_text("not a video\n")
         page.locator("#video input[type=file]").set_input_files(str(notes))
-        page.wait_for_function("document.querySelector('#error-box').innerText.includes('not a readable video')")
+        wait_until(page, "document.querySelector('#error-box')?.innerText.includes('not a readable video')",
+                   "the app's message about a text file", tmp_path)
         message = page.locator("#error-box").inner_text()
         assert "not a readable video" in message and "allowed" not in message
         assert page.locator("#method-chat [data-testid='user']").count() == 0

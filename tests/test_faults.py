@@ -161,6 +161,7 @@ def method_answer(client, video: str) -> str:
     import app
     from test_app import FAST, assistant_texts, latest
 
+    client.predict(api_name="/clear")  # a new conversation: the same question again is no follow-up
     job = client.submit(video=handle_file(video), question=QUESTION, api_name="/ask",
                         **(FAST | {"compare": "none", "max_new_tokens": NEW_TOKENS}))
     outputs = [dict(zip(app.OUTPUTS, output)) for output in job]
@@ -201,12 +202,10 @@ def raw_ask(url: str, file_data: dict) -> str:
     import json
 
     import app
-    from test_app import FAST
+    from test_app import FAST, api_values
 
-    settings = FAST | {"compare": "none", "max_new_tokens": 2}
-    data = [file_data, QUESTION, *(settings[name] for name in ("method", "compare", "merge_ratio", "window",
-            "prune_layer", "prune_ratio", "threshold", "num_frames", "max_new_tokens", "ignore_eos")),
-            app.empty_state()]
+    data = api_values(url, **(FAST | {"compare": "none", "max_new_tokens": 2, "video": file_data,
+                                      "question": QUESTION, "state": app.empty_state()}))
     request = urllib.request.Request(f"{url}gradio_api/call/ask", data=json.dumps({"data": data}).encode(),
                                      headers={"Content-Type": "application/json"})
     event = json.loads(urllib.request.urlopen(request, timeout=10).read())["event_id"]
@@ -224,18 +223,17 @@ def test_no_endpoint_takes_a_path_on_the_server(served_app, street):
     demo, url = served_app
     client = Client(url, verbose=False, download_files=False)
     api = client.view_api(return_format="dict", print_info=False)
-    assert set(api["named_endpoints"]) == {"/ask", "/clear"} and not api["unnamed_endpoints"]
-    file_inputs = [(name, p["parameter_name"]) for name, endpoint in api["named_endpoints"].items()
-                   for p in endpoint["parameters"] if p["python_type"]["type"] == "filepath"]
-    assert file_inputs == [("/ask", "video")]
+    assert set(api["named_endpoints"]) == {"/ask", "/regenerate", "/stop", "/clear"} and not api["unnamed_endpoints"]
+    file_inputs = sorted((name, p["parameter_name"]) for name, endpoint in api["named_endpoints"].items()
+                         for p in endpoint["parameters"] if p["python_type"]["type"] == "filepath")
+    assert file_inputs == [("/ask", "video"), ("/regenerate", "video")]
 
     for target in [street, "/etc/passwd", str(ROOT / "app.py"), "/no/such/file.mp4"]:
         answer = raw_ask(url, {"path": target, "meta": {"_type": "gradio.FileData"}})
         assert answer.startswith("event: error"), (target, answer[:200])
         assert not demo.dycoke.is_upload(target)
     with pytest.raises(Exception, match="paths on the server are not accepted"):
-        list(demo.dycoke.ask(street, QUESTION, "dycoke", "none", 0.7, 4, 3, 0.7, 0.9, 8, 2, True, None,
-                             progress=lambda *a, **k: None))
+        list(demo.dycoke.ask(street, QUESTION, "dycoke", "none", 8, 2, True, None, progress=lambda *a, **k: None))
     assert demo.dycoke.is_upload(str(Path(demo.GRADIO_CACHE) / "abc" / "clip.mp4"))
     assert not demo.dycoke.is_upload(str(Path(demo.GRADIO_CACHE) / ".." / "escape.mp4"))
     for target in ["/etc/passwd", str(ROOT / "app.py"), street]:

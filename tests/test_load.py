@@ -141,6 +141,9 @@ def test_eight_users_forty_requests_no_cross_talk(served, pipeline, videos, priv
                 return
             started = time.monotonic()
             try:
+                # Each request is a new conversation, as the same request asked alone is: with the same
+                # video and settings as this user's last one it would otherwise be a follow-up.
+                client.predict(api_name="/clear")
                 job = client.submit(api_name="/ask", **specs[index].api_arguments())
                 final = dict(zip(app.OUTPUTS, job.result(timeout=REQUEST_TIMEOUT_S)))
                 outcome = ("answer", assistant_texts(final["method_chat"])[-1].strip())
@@ -194,7 +197,7 @@ def test_eight_users_forty_requests_no_cross_talk(served, pipeline, videos, priv
     stray = [path for path in private_tmp.iterdir() if path.resolve() != cache]
     assert not stray, f"temp files left outside gradio's upload folder: {stray}"
     uploads = [path for path in cache.rglob("*") if path.is_file()] if cache.is_dir() else []
-    assert len(uploads) <= len(videos) + 3 * len(app.EXAMPLE_QUESTIONS), \
+    assert len(uploads) <= len(videos) + 3 * len(app.EXAMPLES), \
         f"gradio's upload folder holds {len(uploads)} files for {len(videos)} distinct videos"
     assert len(demo.dycoke.clips) <= app.CLIP_CACHE_ITEMS
     print(f"load: nothing left: 0 extra threads, 0 stray temp files, {len(uploads)} files in gradio's upload "

@@ -92,6 +92,16 @@ def test_heatmap_thins_frame_labels_to_fit_the_plot(frames):
     assert fig.layout.yaxis.ticktext[1] == labels[1].split(" · ")[1]
 
 
+@pytest.mark.parametrize(("steps", "labelled"), [(63, ["13", "26", "39", "52"]), (7, ["2", "4", "6"]),
+                                                 (250, ["49", "100", "151", "202"])])
+def test_step_labels_stand_clear_of_the_ttm_label(steps, labelled):
+    """With more columns than labels, the first step label is as far from "TTM" as the labels are apart."""
+    trace = make_trace(ttm=[196], steps=[([58], False)] * steps, times=[0.0])
+    axis = step_heatmap(trace).layout.xaxis
+    assert list(axis.ticktext) == ["TTM"] + labelled
+    assert axis.tickvals[0] == "TTM" and axis.tickvals[1] != "step 1"
+
+
 def test_step_bins_cover_every_step_once_in_at_most_120_columns():
     assert step_bins(0) == [] and step_bins(1) == [range(0, 1)]
     assert step_bins(120) == [range(i, i + 1) for i in range(120)]
