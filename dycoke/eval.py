@@ -72,7 +72,7 @@ def trace_evidence(item: Item, trace: dict) -> Evidence | None:
     shares = []
     for step in trace["steps"]:
         attended = np.array(step["kept_per_frame"])
-        if attended.sum():
+        if attended.sum() and entering[frames].sum():  # a method may keep no token of the evidence frames
             shares.append((attended[frames].sum() / entering[frames].sum()) / (attended.sum() / entering.sum()))
     kept = (cells & keep).sum() / cells.sum()
     return Evidence(round(float(kept), 4), round(float(np.mean(shares)), 4) if shares else None)
