@@ -257,8 +257,14 @@ def models_own_answer(pipeline: Pipeline, clip, prompt: tuple[list[int], list[in
     return ids[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+@pytest.fixture(scope="module")
+def small_clip():
+    return moving_square_clip(4, size=112)  # two groups of 4x4 tokens on both families
+
+
 @pytest.mark.parametrize("method", ["baseline", "ttm", "dp", "dycoke"])
-def test_reused_turns_equal_a_from_scratch_run_of_the_template_prompt(qwen64, clip, method):
+def test_reused_turns_equal_a_from_scratch_run_of_the_template_prompt(qwen64, small_clip, method):
+    clip = small_clip
     tokenizer = qwen64.loaded.tokenizer
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     before = encode(BEFORE_VIDEO[qwen64.loaded.name])
@@ -272,7 +278,7 @@ def test_reused_turns_equal_a_from_scratch_run_of_the_template_prompt(qwen64, cl
         assert result.token_ids == reference.token_ids, f"turn {turn + 1}"
         assert result.trace["steps"] == reference.trace["steps"]
         assert result.metrics["prefix_reused"] is (turn > 0)
-        if method == "baseline":  # every position of every turn as the model's own path gives it
+        if method == "baseline" and turn == len(QUESTIONS) - 1:  # every position as the model's own path gives it
             assert result.token_ids == models_own_answer(qwen64, clip, prompt, len(result.token_ids))
         answer = result.token_ids[:-1] if result.token_ids[-1] == tokenizer.eos_token_id else result.token_ids
         answers.append(tokenizer.decode(answer))
