@@ -143,7 +143,7 @@ def load_model(name: str, device: str | None = None) -> ModelChoice:
 def banner_markdown(choice: ModelChoice) -> str:
     loaded = choice.loaded
     dtype = str(loaded.dtype).removeprefix("torch.")
-    line = f"**Model** `{loaded.name}` · device `{loaded.device.type}` · dtype `{dtype}`"
+    line = f"**Model** `{loaded.name}` ({loaded.family.name}) · device `{loaded.device.type}` · dtype `{dtype}`"
     if loaded.notice is None:
         return line + " · pretrained weights"
     if loaded.is_random:
@@ -672,7 +672,7 @@ class DyCokeApp:
                     updates[f"{role}_chat"] = history + [{"role": "assistant", "content": answer}]
                 if steps and now - last_plot >= HEATMAP_INTERVAL_S:
                     last_plot = now
-                    trace = viz.partial_trace(clip.timestamps, self.loaded.tokens_per_frame, steps)
+                    trace = viz.partial_trace(*self.pipeline.frame_times_and_tokens(clip), steps)
                     updates[f"{role}_heatmap"] = viz.live_step_heatmap(
                         trace, f"{method.name} · step {len(steps)} (TTM column once the run ends)", dark=dark)
                 if updates:

@@ -18,7 +18,7 @@ from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.limits import MAX_FRAMES, RequestError, check_frames, check_new_tokens, clean_question
 from dycoke.methods import configure, get_method, matchable_names, method_names
 from dycoke.decoder import load_video_isolated
-from dycoke.video import VideoError
+from dycoke.video import MODEL_FRAME_SIZE, VideoError
 
 DTYPES = ("float32", "float64", "bfloat16")
 
@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the question to ask about the video; more than one are asked in order, as one "
                              "conversation")
     answer.add_argument("--model", default=OFFLINE_DEFAULT,
-                        help="tiny (trained on synthetic shapes), tiny-random, a preset, a Hugging Face Hub id or a "
-                             f"local path (default: {OFFLINE_DEFAULT})")
+                        help="tiny (trained on synthetic shapes), a random-weight preset (tiny-random, mini, "
+                             "ov-0.5b, ov-7b, qwen2.5-vl-tiny, qwen3-vl-tiny, qwen2.5-vl-7b, qwen3-vl-8b), a Hugging "
+                             "Face Hub id of LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL, or a local path "
+                             f"(default: {OFFLINE_DEFAULT})")
     answer.add_argument("--method", default="dycoke", choices=method_names(), help="compression method")
     answer.add_argument("--frames", type=int, default=32, help=f"frames sampled uniformly, 1..{MAX_FRAMES}")
     answer.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens")
@@ -115,6 +117,8 @@ def run_answer(args: argparse.Namespace) -> int:
             pipeline = Pipeline(load(args.model, device=args.device, dtype=dtype))
     except ModelLoadError as error:
         raise RequestError(str(error)) from error
+    if pipeline.frame_size != MODEL_FRAME_SIZE:  # checked above at LLaVA-OneVision's size; Qwen-VL keeps the aspect
+        clip = load_video_isolated(args.video, check_frames(args.frames), size=pipeline.frame_size)
     conversation = Conversation(pipeline, clip, method, config, max_new_tokens=args.max_new_tokens,
                                 ignore_eos=args.ignore_eos, reuse=not args.no_reuse)
     results = []

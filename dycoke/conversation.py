@@ -1,6 +1,7 @@
 """A conversation about one video: multi-turn prompts, with the compressed video prefix and earlier turns reused.
 
-The prompt is the chat template's multi-turn form, the video standing where the template puts `<video>`:
+The prompt is the chat template's multi-turn form, the video standing where the template puts it, as the model's
+family lays it out (LLaVA-OneVision below; Qwen-VL puts its vision markers around it, and no newline after it):
 
     <|im_start|>system ... <|im_end|>\\n<|im_start|>user\\n[kept visual tokens][newline]\\nQ1<|im_end|>\\n
     <|im_start|>assistant\\nA1<|im_end|>\\n<|im_start|>user\\nQ2<|im_end|>\\n<|im_start|>assistant\\n ...
@@ -12,7 +13,8 @@ would have computed it. A new turn prefills only what the cache lacks:
 - for DP's cache (dp, dycoke), the previous answer too: its K/V at the pruned layers were computed against the
   selected visual tokens only, so the cache is cropped back to the end of the last prompt and the answer is
   prefilled with the new turn, attending to everything (DP leaves prefill untouched); decoding then selects afresh.
-Either way every turn's tokens equal those of a from-scratch run of the same prompt. Vision features are kept per
+Either way every turn's tokens equal those of a from-scratch run of the same prompt. On Qwen-VL the kept visual
+tokens keep their M-RoPE positions of the full layout, and the text after the video counts on from its end. Vision features are kept per
 clip, whatever the method, so two conversations on one clip encode it once. What is kept is bounded by the
 pipeline's `ConversationMemory`; an evicted conversation recomputes its prefix on its next turn, and says so.
 """
@@ -29,17 +31,15 @@ import torch
 from transformers import Cache
 
 from dycoke.config import DyCokeConfig
+from dycoke.families import ASSISTANT_TURN, NEXT_USER_TURN, positions_after
+from dycoke.families import question_ids as encode_question, text_ids as template_ids
 from dycoke.limits import RequestError
 from dycoke.methods import Method
 from dycoke.metrics import RequestTimes, cache_bytes, reset_peak_memory
-from dycoke.pipeline import (
-    ASSISTANT_TURN, SYSTEM_TURN, VIDEO_NEWLINE_TOKENS, Event, Pipeline, Prepared, Progress, Result, VisionFeatures,
-    encode_question, template_ids,
-)
+from dycoke.pipeline import Event, Pipeline, Prepared, Progress, Result, VisionFeatures
 from dycoke.pruning import DyCokeCache
 from dycoke.video import VideoClip
 
-USER_TURN = "<|im_end|>\n<|im_start|>user\n"  # closes the previous answer, opens the next question
 MAX_TURNS = 32
 REENCODED = ("this conversation's cache was evicted to stay within the memory budget: the video was re-encoded "
              "and the conversation so far prefilled again")
@@ -76,6 +76,7 @@ class _Kept:
     prefix_length: int
     keep_mask: torch.Tensor
     ttm_kept_per_frame: list[int]
+    positions: torch.Tensor | None = None  # [3, 1, prefix_length] M-RoPE positions of the prefix; None for 1-D
 
 
 class Conversation:
@@ -93,7 +94,7 @@ class Conversation:
         chosen, requested, settings = pipeline.check_request(method, config, max_new_tokens)
         self.pipeline = pipeline
         self.clip = video if isinstance(video, VideoClip) else pipeline.load_video(video, num_frames)
-        self.method = chosen.resolve(requested, self.clip.num_frames, pipeline.loaded.tokens_per_frame)
+        self.method = pipeline.resolve(chosen, requested, self.clip)
         self._requested = requested
         self.settings = settings
         self.max_new_tokens = max_new_tokens
@@ -108,10 +109,10 @@ class Conversation:
         self._busy = threading.Lock()
         self._cancel: threading.Event | None = None
         self._stop_requested = False
-        tokenizer = pipeline.loaded.tokenizer
-        self._system_ids = template_ids(tokenizer, SYSTEM_TURN)
-        self._frames = {"first": template_ids(tokenizer, "\n"), "next": template_ids(tokenizer, USER_TURN),
-                        "end": template_ids(tokenizer, ASSISTANT_TURN)}
+        tokenizer, family = pipeline.loaded.tokenizer, pipeline.loaded.family
+        self._system_ids = template_ids(tokenizer, family.before_video)
+        self._frames = {"first": template_ids(tokenizer, family.after_video),
+                        "next": template_ids(tokenizer, NEXT_USER_TURN), "end": template_ids(tokenizer, ASSISTANT_TURN)}
         self._end_of_turn = _eos_ids(pipeline.loaded)
 
     @property
@@ -253,14 +254,18 @@ class Conversation:
         embeds = new.new_empty((1, kept.prefix_length + len(text_ids), new.shape[-1]))
         embeds[:, cached:] = new
         times.compress_end = self.pipeline.clock.now()
-        return Prepared(embeds, kept.cache, kept.keep_mask, kept.ttm_kept_per_frame, times)
+        positions = positions_after(kept.positions, len(text_ids))
+        kwargs = {} if positions is None else {"position_ids": positions}  # Qwen3-VL's DeepStack rows are cached
+        return Prepared(embeds, kept.cache, kept.keep_mask, kept.ttm_kept_per_frame, times, kwargs)
 
     def _from_scratch(self, text_ids: list[int], times: RequestTimes) -> tuple[Prepared, _Kept]:
         vision = self._shared_features if self.reuse else None
         prepared = self.pipeline.prepare(self.clip, (self._system_ids, text_ids), self.method, self.settings,
                                          times, vision)
         prefix_length = prepared.embeds.shape[1] - len(text_ids)
-        return prepared, _Kept(prepared.cache, prefix_length, prepared.keep_mask, prepared.ttm_kept_per_frame)
+        positions = prepared.generate_kwargs.get("position_ids")
+        return prepared, _Kept(prepared.cache, prefix_length, prepared.keep_mask, prepared.ttm_kept_per_frame,
+                               None if positions is None else positions[..., :prefix_length])
 
     def _shared_features(self, clip: VideoClip, needs_states: bool) -> VisionFeatures:
         """The clip's features from the pipeline's memory, shared with every conversation on the same clip."""
@@ -304,7 +309,7 @@ class Conversation:
         if not self._turns:  # the first turn: the video itself may be what does not fit
             self.pipeline.check_context(self.method, self._requested, self.settings, self.clip.num_frames,
                                         len(self._system_ids) + len(text_ids), self.max_new_tokens,
-                                        self.context_limit)
+                                        self.context_limit, clip=self.clip)
             return
         prefix_length = kept.prefix_length if kept is not None else self._planned_prefix_length()
         needed = prefix_length + len(text_ids) + self.max_new_tokens
@@ -313,10 +318,11 @@ class Conversation:
                                f"context of {self.context_limit}: start a new conversation")
 
     def _planned_prefix_length(self) -> int:
-        """The video prefix's length from the method's exact budget: the system turn, visual tokens, newline."""
-        frames, per_frame = self.clip.num_frames, self.pipeline.loaded.tokens_per_frame
-        visual = self.method.budget(self.settings, frames, per_frame).prefill
-        return len(self._system_ids) + visual + VIDEO_NEWLINE_TOKENS
+        """The video prefix's length from the method's exact budget: the system turn, the visual tokens and the
+        video's other tokens (LLaVA-OneVision's newline, Qwen-VL's markers and timestamps)."""
+        visual, other = self.pipeline.video_tokens(self.method, self._requested, self.settings,
+                                                   self.clip.num_frames, self.clip)
+        return len(self._system_ids) + visual + other
 
     def _to_device(self, cache: Cache, device: torch.device) -> None:
         if not self.keep_on_host:

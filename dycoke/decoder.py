@@ -27,7 +27,8 @@ import numpy as np
 
 from dycoke.limits import VideoLimits
 from dycoke.video import (
-    _FIX_ENCODING, MODEL_FRAME_SIZE, DecoderFailure, VideoClip, VideoError, check_file, display_name, load_video,
+    _FIX_ENCODING, MODEL_FRAME_SIZE, DecoderFailure, FrameSize, GridFit, VideoClip, VideoError, check_file,
+    display_name, load_video, size_from_json, size_to_json, target_size,
 )
 
 # The worker asks the kernel to kill it when its parent exits before it imports anything heavy, then serves.
@@ -122,12 +123,13 @@ class DecoderWorker:
         for pipe in (process.stdin, process.stdout):
             pipe.close()
 
-    def decode(self, path: str | os.PathLike, num_frames: int, size: int | None, limits: VideoLimits) -> VideoClip:
+    def decode(self, path: str | os.PathLike, num_frames: int, size: FrameSize, limits: VideoLimits) -> VideoClip:
         name = display_name(path)
         self.start()
         if not self.ready:  # its start-up is not part of the decode's time limit
             self._await_ready(name)
-        request = {"path": os.fspath(path), "num_frames": num_frames, "size": size, "limits": asdict(limits)}
+        request = {"path": os.fspath(path), "num_frames": num_frames, "size": size_to_json(size),
+                   "limits": asdict(limits)}
         deadline = time.monotonic() + limits.decode_timeout_s
         try:
             send_message(self.process.stdin.fileno(), request)
@@ -174,7 +176,16 @@ class DecoderWorker:
                               "process, not a verdict on the file; try again", name)
 
 
-def _clip_from(header: dict, payload: bytearray, num_frames: int, size: int | None, name: str) -> VideoClip:
+def _promised_size(shape: tuple, size: FrameSize, source_size) -> bool:
+    """Whether frames of `shape` have the size the request asked for (a GridFit's from the displayed size)."""
+    if not isinstance(size, GridFit):
+        return size is None or tuple(shape[1:3]) == (size, size)
+    valid = isinstance(source_size, list) and len(source_size) == 2 and all(
+        isinstance(n, int) and n > 0 for n in source_size)
+    return valid and tuple(shape[1:3]) == target_size(size, source_size[1], source_size[0])
+
+
+def _clip_from(header: dict, payload: bytearray, num_frames: int, size: FrameSize, name: str) -> VideoClip:
     """The worker's reply, checked before use: its error, or frames of exactly the promised shape."""
     if not header.get("ok"):
         template = header.get("template")
@@ -188,7 +199,7 @@ def _clip_from(header: dict, payload: bytearray, num_frames: int, size: int | No
         raise error
     shape = tuple(header.get("shape", ()))
     if (len(shape) != 4 or not all(isinstance(n, int) and n > 0 for n in shape) or shape[0] > num_frames
-            or shape[3] != 3 or (size is not None and shape[1:3] != (size, size))
+            or shape[3] != 3 or not _promised_size(shape, size, header.get("source_size"))
             or int(np.prod(shape)) != len(payload) or len(header.get("timestamps", ())) != shape[0]):
         raise DecoderFailure("the decoder's answer for {video} was malformed; try again", name)
     return VideoClip(
@@ -236,9 +247,10 @@ class VideoDecoder:
         with self._lock:
             return [w.process.pid for w in self._all if w.alive]
 
-    def load(self, path: str | os.PathLike, num_frames: int = 32, size: int | None = MODEL_FRAME_SIZE,
+    def load(self, path: str | os.PathLike, num_frames: int = 32, size: FrameSize = MODEL_FRAME_SIZE,
              limits: VideoLimits = VideoLimits()) -> VideoClip:
-        """Decode in a worker: num_frames uniformly sampled frames at size x size (None: as decoded)."""
+        """Decode in a worker: num_frames uniformly sampled frames at size x size, or as a GridFit says (None: as
+        decoded)."""
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         started = time.perf_counter()
@@ -276,7 +288,7 @@ def _stop_all(workers: list[DecoderWorker]) -> None:
 
 
 def load_video_isolated(path: str | os.PathLike, num_frames: int = 32, limits: VideoLimits = VideoLimits(),
-                        size: int | None = MODEL_FRAME_SIZE) -> VideoClip:
+                        size: FrameSize = MODEL_FRAME_SIZE) -> VideoClip:
     """One decode in a worker that is stopped afterwards (the CLI's one request)."""
     with VideoDecoder(workers=1) as decoder:
         return decoder.load(path, num_frames, size, limits)
@@ -287,7 +299,8 @@ def load_video_isolated(path: str | os.PathLike, num_frames: int = 32, limits: V
 def _reply(request: dict) -> tuple[dict, np.ndarray | bytes]:
     path = request["path"]
     try:
-        clip = load_video(path, int(request["num_frames"]), request["size"], VideoLimits(**request["limits"]))
+        clip = load_video(path, int(request["num_frames"]), size_from_json(request["size"]),
+                          VideoLimits(**request["limits"]))
     except VideoError as error:
         return {"ok": False, "kind": "video", "template": error.template}, b""
     except MemoryError:

@@ -263,15 +263,16 @@ def run_table(pipeline, frames: list[int], names: list[str], match: str | None, 
 def run_sweep(pipeline, frames: int, peers: list[str], per_task: int, max_new_tokens: int,
               report: Report, save: Callable[[], None]) -> None:
     suite = list(items("test", frames, per_task))
-    tokens_per_frame = pipeline.loaded.tokens_per_frame
+    geometry = pipeline.geometry(item_clip(suite[0]))  # Qwen-VL counts temporal groups of two frames
+    groups, tokens_per_frame = geometry.groups, geometry.tokens_per_group
     dycoke = get_method("dycoke")
     for label, config in sweep_points():
-        budget = attended_budget(config, frames, tokens_per_frame)
+        budget = attended_budget(config, groups, tokens_per_frame)
         jobs = [(label, dycoke)]
-        if label == "dycoke (P)" and 0 < budget.attended < frames * tokens_per_frame:
+        if label == "dycoke (P)" and 0 < budget.attended < groups * tokens_per_frame:
             for peer in peers:
                 try:
-                    jobs.append((peer, match_budget(peer, dycoke, config, frames, tokens_per_frame)))
+                    jobs.append((peer, match_budget(peer, dycoke, config, groups, tokens_per_frame)))
                 except ConfigError:
                     continue  # the budget is outside what this peer's ratio can give
         for line, method in jobs:

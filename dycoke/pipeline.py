@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -15,20 +16,18 @@ from transformers import Cache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from dycoke.config import DyCokeConfig
-from dycoke.limits import (
-    MAX_FRAMES, RequestError, VideoLimits, check_frames, check_new_tokens, check_question_tokens, clean_question,
-)
+from dycoke.decoder import VideoDecoder
+from dycoke.families import Geometry, PromptLayout, VideoFeatures, question_ids, text_ids
+from dycoke.families.llava_onevision import SYSTEM_TURN, encode_prompt  # noqa: F401  (LLaVA-OneVision's prompt)
+from dycoke.limits import MAX_FRAMES, RequestError, VideoLimits, check_frames, check_new_tokens
 from dycoke.memory import ConversationMemory
 from dycoke.methods import Method, VisualInput, VisualLayout, get_method, install_hooks
 from dycoke.metrics import Clock, RequestTimes, cache_bytes, peak_memory_bytes, reset_peak_memory
 from dycoke.models import LoadedModel
-from dycoke.decoder import VideoDecoder
-from dycoke.video import VideoClip, to_pixel_values
-from dycoke.visionzip import feature_layer_index
+from dycoke.video import FrameSize, VideoClip, target_size
 
-SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"
-VIDEO_NEWLINE_TOKENS = 1  # LLaVA-OneVision's image_newline, once after the video's tokens
+# A prompt: a question, or the token ids before and after the video (a conversation's turns after it).
+Prompt = str | tuple[list[int], list[int]]
 Progress = Callable[[float, str], None]
 # What running out of memory raises: CUDA's allocator (torch.OutOfMemoryError, a RuntimeError) or the host's.
 OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
@@ -67,31 +66,8 @@ class Result:
 Event = TextDelta | StepTrace | Result
 
 
-@dataclass(frozen=True)
-class VisionFeatures:
-    """The vision side of one clip, independent of the method: what every method compresses."""
-
-    frame_tokens: torch.Tensor  # [T, N, D] projected, pooled frame tokens
-    newline: torch.Tensor  # [D] the image_newline token
-    feature_layer_input: torch.Tensor | None = None  # [T, P, Dv] entering the vision feature layer, if asked for
-
-    def nbytes(self) -> int:
-        tensors = (self.frame_tokens, self.newline, self.feature_layer_input)
-        return sum(tensor.nbytes for tensor in tensors if tensor is not None)
-
-
-@dataclass(frozen=True)
-class VideoPrefix:
-    """The prompt up to the question for one method: system turn, the kept visual tokens, the newline."""
-
-    embeds: torch.Tensor  # [1, P, D]
-    layout: VisualLayout
-    keep_mask: torch.Tensor
-    ttm_kept_per_frame: list[int]
-
-    @property
-    def length(self) -> int:
-        return self.embeds.shape[1]
+# The vision side of one clip, independent of the method: what every method compresses.
+VisionFeatures = VideoFeatures
 
 
 @dataclass
@@ -103,6 +79,7 @@ class Prepared:
     keep_mask: torch.Tensor
     ttm_kept_per_frame: list[int]
     times: RequestTimes
+    generate_kwargs: dict = field(default_factory=dict)  # what the family adds to generate (M-RoPE position_ids)
 
 
 class Pipeline:
@@ -121,8 +98,13 @@ class Pipeline:
     def load_video(self, path: str | Path, num_frames: int = 32) -> VideoClip:
         """Probe, check the limits, then decode straight to the model's frame size in a worker process that
         cannot hang or crash the caller."""
-        return self.decoder.load(path, check_frames(num_frames, self.max_frames), self.loaded.image_size,
+        return self.decoder.load(path, check_frames(num_frames, self.max_frames), self.frame_size,
                                  self.video_limits)
+
+    @property
+    def frame_size(self) -> FrameSize:
+        """What the decoder resizes this model's frames to."""
+        return self.loaded.family.decode_size(self.loaded.model.config)
 
     def answer(self, video: str | Path | VideoClip, question: str, **options) -> Result:
         """Run a request to the end and return its result."""
@@ -144,16 +126,16 @@ class Pipeline:
     ) -> Iterator[Event]:
         """Yield text deltas and one StepTrace per decoding step while generating, then the Result."""
         chosen, requested, settings = self.check_request(method, config, max_new_tokens)
-        prompt = encode_prompt(self.loaded.tokenizer, question)
+        prompt = self.loaded.family.prompt_ids(self.loaded.tokenizer, question)
         report = progress or (lambda fraction, message: None)
 
         if not isinstance(video, VideoClip):
             report(0.0, "decoding video")
         clip = video if isinstance(video, VideoClip) else self.load_video(video, num_frames)
         times = RequestTimes(decode_video_s=clip.decode_seconds)
-        chosen = chosen.resolve(requested, clip.num_frames, self.loaded.tokens_per_frame)  # e.g. a matched budget
+        chosen = self.resolve(chosen, requested, clip)  # e.g. a matched budget
         self.check_context(chosen, requested, settings, clip.num_frames, len(prompt[0]) + len(prompt[1]),
-                           max_new_tokens)
+                           max_new_tokens, clip=clip)
         report(0.3, "encoding frames")
         prepared = self.guard_memory(lambda: self.prepare(clip, prompt, chosen, settings, times), clip.num_frames)
         report(0.5, "generating")
@@ -167,23 +149,53 @@ class Pipeline:
         settings = chosen.effective_config(requested)
         settings.check_layers(self.loaded.num_layers)
         chosen.check_model(self.loaded.num_layers)
+        self.loaded.family.check_method(chosen, self.loaded.model)
         check_new_tokens(max_new_tokens)
         return chosen, requested, settings
 
+    def resolve(self, method: Method, requested: DyCokeConfig, clip: VideoClip) -> Method:
+        """The method as it runs on this clip (a matched budget counts this model's frames and tokens)."""
+        geometry = self.geometry(clip)
+        return method.resolve(requested, geometry.groups, geometry.tokens_per_group)
+
+    def geometry(self, clip: VideoClip) -> Geometry:
+        """Temporal groups and tokens per group of this clip on this model."""
+        height, width = clip.frames.shape[1:3]
+        return self.loaded.family.geometry(self.loaded.model, clip.num_frames, height, width)
+
+    def layout(self, clip: VideoClip, prompt: Prompt) -> PromptLayout:
+        """The full prompt layout of `prompt` on this clip, every visual token included."""
+        loaded = self.loaded
+        before, after = self._prompt_ids(prompt)
+        return loaded.family.video_layout(loaded.model, loaded.tokenizer, before, after, self.geometry(clip),
+                                          clip.timestamps, clip.fps)
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[list[int], list[int]]:
+        return self.loaded.family.prompt_ids(self.loaded.tokenizer, prompt) if isinstance(prompt, str) else prompt
+
+    def frame_times_and_tokens(self, clip: VideoClip) -> tuple[list[float], int]:
+        """The times of the clip's frames as the traces count them (temporal groups), and tokens per frame."""
+        geometry = self.geometry(clip)
+        return self.loaded.family.group_times(clip.timestamps, geometry), geometry.tokens_per_group
+
     def check_context(self, method: Method, requested: DyCokeConfig, settings: DyCokeConfig, num_frames: int,
-                      text_tokens: int, max_new_tokens: int, context: int | None = None) -> None:
+                      text_tokens: int, max_new_tokens: int, context: int | None = None,
+                      clip: VideoClip | None = None) -> None:
         """Refuse, before any vision work, a request whose prompt and answer would not fit the model's context,
         saying how many frames fit.
 
         Positions run over the tokens that enter the language model, so what counts is the method's prefill
         budget (exact, from its settings), not the clip's full T·N: DyCoke fits more frames than the baseline.
+        `text_tokens` are the prompt's tokens around the video; the video's own other tokens (LLaVA-OneVision's
+        newline, Qwen-VL's markers and timestamps) are the family's. `clip` gives a Qwen model's frame size and
+        times; without it, square frames of the model's size. On Qwen-VL the tokens are counted, not the M-RoPE
+        positions, which run slower than the tokens unless frames are minutes apart.
         """
         context = context or self.context_length
-        per_frame = self.loaded.tokens_per_frame
 
         def needed(frames: int) -> tuple[int, int]:
-            visual = method.resolve(requested, frames, per_frame).budget(settings, frames, per_frame).prefill
-            return visual, text_tokens + visual + VIDEO_NEWLINE_TOKENS + max_new_tokens
+            visual, other = self.video_tokens(method, requested, settings, frames, clip)
+            return visual, text_tokens + visual + other + max_new_tokens
 
         visual, total = needed(num_frames)
         if total <= context:
@@ -193,6 +205,24 @@ class Pipeline:
         raise RequestError(f"{num_frames} frames give {visual:,} visual tokens with {method.name}; with the prompt "
                            f"and {max_new_tokens} new tokens that is {total:,}, over this model's context of "
                            f"{context:,} positions: {advice}")
+
+    def video_tokens(self, method: Method, requested: DyCokeConfig, settings: DyCokeConfig, num_frames: int,
+                     clip: VideoClip | None = None) -> tuple[int, int]:
+        """The visual tokens `method` feeds the model from `num_frames` frames of `clip` (its exact prefill budget
+        over this model's temporal groups), and the video's other tokens in the prompt."""
+        loaded = self.loaded
+        height, width = clip.frames.shape[1:3] if clip is not None else self._square_frame()
+        geometry = loaded.family.geometry(loaded.model, num_frames, height, width)
+        groups, per_group = geometry.groups, geometry.tokens_per_group
+        visual = method.resolve(requested, groups, per_group).budget(settings, groups, per_group).prefill
+        other = loaded.family.video_text_tokens(loaded.tokenizer, loaded.model, geometry,
+                                                _frame_times(clip, num_frames))
+        return visual, other
+
+    def _square_frame(self) -> tuple[int, int]:
+        size = self.frame_size
+        side = size if isinstance(size, int) else math.isqrt(size.max_pixels)
+        return target_size(size, side, side)
 
     @property
     def context_length(self) -> int:
@@ -220,38 +250,32 @@ class Pipeline:
         return RequestError(f"out of memory at {num_frames} frames: use fewer frames (or fewer new tokens) "
                             "and ask again")
 
-    def prepare(self, clip: VideoClip, prompt: tuple[list[int], list[int]], method: Method,
-                settings: DyCokeConfig, times: RequestTimes | None = None,
+    def prepare(self, clip: VideoClip, prompt: Prompt, method: Method, settings: DyCokeConfig,
+                times: RequestTimes | None = None,
                 vision: Callable[[VideoClip, bool], VisionFeatures] | None = None) -> Prepared:
         """Vision features, compression and the prompt embeddings: everything up to the first generate call.
 
-        `method` must be resolved (Method.resolve) for this clip; `stream` does that. `vision` gives the
-        features (default: `vision_features`; a conversation passes its per-clip cache).
+        `prompt` is a question or the token ids before and after the video. `method` must be resolved
+        (`resolve`) for this clip; `stream` does that. `vision` gives the features (default: `vision_features`;
+        a conversation passes its per-clip cache).
         """
         times = times or RequestTimes()
         reset_peak_memory(self.loaded.device)
+        model, family = self.loaded.model, self.loaded.family
+        layout = self.layout(clip, prompt)
         times.vision_start = self.clock.now()
         features = (vision or self.vision_features)(clip, method.needs_vision_states)
         times.vision_end = self.clock.now()
-        prefix = self.video_prefix(features, prompt[0], method, settings)
-        embeds = torch.cat([prefix.embeds, self.embed_text(prompt[1])], dim=1)
-        cache = method.make_cache(prefix.layout, settings)
-        times.compress_end = self.clock.now()
-        return Prepared(embeds, cache, prefix.keep_mask, prefix.ttm_kept_per_frame, times)
-
-    def video_prefix(self, features: VisionFeatures, system_ids: list[int], method: Method,
-                     settings: DyCokeConfig) -> VideoPrefix:
-        """Compress the clip's features with `method` (resolved for the clip) into the prompt's video prefix."""
-        model = self.loaded.model
-        compressed = method.compress(VisualInput(features.frame_tokens, model, features.feature_layer_input),
-                                     settings)
-        device = model.get_input_embeddings().weight.device
-        embeds = torch.cat([self.embed_text(system_ids), compressed.tokens[None].to(device),
-                            features.newline[None, None].to(device)], dim=1)
+        compressed = method.compress(VisualInput(features.frame_tokens, model, features.layer_input), settings)
+        inputs = family.model_inputs(model, layout, features, compressed)
         num_frames = features.frame_tokens.shape[0]
-        layout = VisualLayout(start=len(system_ids), frame_of_token=compressed.frame_of_token, num_frames=num_frames)
+        visual = VisualLayout(start=int(inputs.visual_positions[0]) if inputs.visual_positions.numel() else 0,
+                              frame_of_token=compressed.frame_of_token, num_frames=num_frames,
+                              positions=inputs.visual_positions)
+        cache = method.make_cache(visual, settings)
         ttm_kept_per_frame = torch.bincount(compressed.frame_of_token, minlength=num_frames).tolist()
-        return VideoPrefix(embeds, layout, compressed.keep_mask, ttm_kept_per_frame)
+        times.compress_end = self.clock.now()
+        return Prepared(inputs.embeds, cache, compressed.keep_mask, ttm_kept_per_frame, times, inputs.generate_kwargs)
 
     def embed_text(self, ids: list[int]) -> torch.Tensor:
         """Token embeddings [1, len(ids), D]."""
@@ -260,28 +284,11 @@ class Pipeline:
 
     def vision_features(self, clip: VideoClip, with_feature_layer_input: bool = False) -> VisionFeatures:
         """The clip through the vision tower and projector; methods that look inside the tower ask for more."""
-        return VisionFeatures(*self._vision_features(clip, with_feature_layer_input))
+        return self._vision_features(clip, with_feature_layer_input)
 
-    def _vision_features(self, clip: VideoClip, with_feature_layer_input: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Frame tokens [T, N, D], the newline token and, if asked, the hidden state entering the feature layer."""
-        model = self.loaded.model
-        vision = model.model.vision_tower
-        pixels = to_pixel_values(clip.frames, self.loaded.image_size, device=next(vision.parameters()).device,
-                                 dtype=self.loaded.dtype)
-        capture = {}
-        if with_feature_layer_input:  # hidden states are counted from the embeddings: index i enters layer i
-            index = feature_layer_index(model)
-            capture["output_hidden_states"] = [index - 1, index]
-        outputs = model.get_video_features(
-            pixel_values_videos=pixels[None],
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-            **capture,
-        )
-        features = outputs.pooler_output[0]
-        frame_tokens = features[:-1].view(clip.num_frames, self.loaded.tokens_per_frame, -1)
-        return frame_tokens, features[-1], outputs.hidden_states[index - 1] if capture else None
+    def _vision_features(self, clip: VideoClip, with_feature_layer_input: bool = False) -> VisionFeatures:
+        """Frame tokens [T groups, N, D] and, if asked, the hidden state entering the vision feature layer."""
+        return self.loaded.family.encode(self.loaded.model, clip.frames, self.geometry(clip), with_feature_layer_input)
 
     def generate(self, prepared: Prepared, clip: VideoClip, method: Method, settings: DyCokeConfig,
                  max_new_tokens: int, ignore_eos: bool, cancelled: threading.Event | None = None) -> Iterator[Event]:
@@ -328,6 +335,7 @@ class Pipeline:
                     attention_mask=torch.ones(prepared.embeds.shape[:2], dtype=torch.long,
                                               device=prepared.embeds.device),
                     past_key_values=prepared.cache,
+                    **prepared.generate_kwargs,
                     max_new_tokens=max_new_tokens,
                     min_new_tokens=max_new_tokens if ignore_eos else 0,
                     do_sample=False,
@@ -358,10 +366,11 @@ class Pipeline:
             "visual_tokens_attended_mean": sum(attended) / len(attended) if attended else float(visual_after_ttm),
             "reselections": method.reselections(cache),
         }
+        frame_times, tokens_per_frame = self.frame_times_and_tokens(clip)
         trace = {
-            "frames": clip.num_frames,
-            "tokens_per_frame": self.loaded.tokens_per_frame,
-            "frame_times_s": [round(t, 4) for t in clip.timestamps],
+            "frames": len(frame_times),
+            "tokens_per_frame": tokens_per_frame,
+            "frame_times_s": [round(t, 4) for t in frame_times],
             "ttm_kept_per_frame": prepared.ttm_kept_per_frame,
             "ttm_keep_mask": prepared.keep_mask.int().tolist(),
             "steps": [{"kept_per_frame": s.kept_per_frame, "reselected": s.reselected} for s in steps],
@@ -426,21 +435,16 @@ class _TraceStreamer(BaseStreamer):
         self.events.put(step)
 
 
-def encode_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the video; user text can never become chat-template special tokens."""
-    question_ids = encode_question(tokenizer, question)
-    return template_ids(tokenizer, SYSTEM_TURN), template_ids(tokenizer, "\n") + question_ids + template_ids(
-        tokenizer, ASSISTANT_TURN)
+def _frame_times(clip: VideoClip | None, num_frames: int) -> tuple[float, ...]:
+    """The times of `num_frames` frames sampled over the clip's span (its own times when it has as many), or at the
+    Qwen-VL processors' 2 fps without a clip: what a Qwen3-VL prompt writes before each group."""
+    if clip is None:
+        return tuple(index / 2 for index in range(num_frames))
+    if clip.num_frames == num_frames:
+        return tuple(clip.timestamps)
+    first, step = clip.timestamps[0], (clip.timestamps[-1] - clip.timestamps[0]) / max(num_frames - 1, 1)
+    return tuple(first + step * index for index in range(num_frames))
 
 
-def encode_question(tokenizer, question: str) -> list[int]:
-    """The cleaned question's token ids, special-token text split into plain tokens; refused when too long."""
-    cleaned = clean_question(question)
-    question_ids = tokenizer(cleaned, add_special_tokens=False, split_special_tokens=True).input_ids
-    check_question_tokens(len(question_ids))
-    return question_ids
-
-
-def template_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of chat-template text, whose special tokens stay special."""
-    return tokenizer(text, add_special_tokens=False).input_ids
+# The cleaned question's token ids (refused when too long), and chat-template text's ids.
+encode_question, template_ids = question_ids, text_ids

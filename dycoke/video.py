@@ -77,6 +77,50 @@ class VideoClip:
         return self.source_frames / self.fps if self.fps > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class GridFit:
+    """Frames resized to multiples of `factor` per side, aspect ratio kept, within [min_pixels, max_pixels]: the
+    smart resize of Qwen-VL's processors (transformers' `smart_resize`, redone here so that the decoder worker
+    never imports transformers)."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+    def size_for(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of a frame of height x width once resized."""
+        factor = self.factor
+        resized_h, resized_w = round(height / factor) * factor, round(width / factor) * factor
+        if resized_h * resized_w > self.max_pixels:
+            beta = math.sqrt((height * width) / self.max_pixels)
+            resized_h = max(factor, math.floor(height / beta / factor) * factor)
+            resized_w = max(factor, math.floor(width / beta / factor) * factor)
+        elif resized_h * resized_w < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            resized_h = math.ceil(height * beta / factor) * factor
+            resized_w = math.ceil(width * beta / factor) * factor
+        return resized_h, resized_w
+
+
+# What the decoder resizes each frame to: a square side (LLaVA-OneVision), a GridFit (Qwen-VL), None: as decoded.
+FrameSize = int | GridFit | None
+
+
+def target_size(size: FrameSize, height: int, width: int) -> tuple[int, int] | None:
+    """(height, width) that a decoded frame of height x width is resized to; None: it is kept as decoded."""
+    if size is None:
+        return None
+    return size.size_for(height, width) if isinstance(size, GridFit) else (size, size)
+
+
+def size_to_json(size: FrameSize) -> int | dict | None:
+    return {"grid_fit": [size.factor, size.min_pixels, size.max_pixels]} if isinstance(size, GridFit) else size
+
+
+def size_from_json(value: int | dict | None) -> FrameSize:
+    return GridFit(*(int(n) for n in value["grid_fit"])) if isinstance(value, dict) else value
+
+
 def sample_indices(total_frames: int, num_frames: int) -> list[int]:
     """Uniform indices exactly as LLaVA-OneVision and lmms-eval: linspace truncated to int; a short video gives
     all its frames, none repeated."""
@@ -316,7 +360,7 @@ class _SeekMissed(Exception):
     """A seek landed after the frame it was for (some containers index keyframes loosely)."""
 
 
-def _decode(container, stream, info: StreamInfo, indices: list[int], size: int | None, name: str,
+def _decode(container, stream, info: StreamInfo, indices: list[int], size: FrameSize, name: str,
             may_seek: bool, resizer: ThreadPoolExecutor) -> tuple[np.ndarray, tuple[int, int]]:
     """The frames at `indices`, each resized (in `resizer`, while the next one decodes) as soon as it is decoded;
     and the displayed (width, height). At most _WAITING_FRAMES full-size frames wait for their resize."""
@@ -346,7 +390,7 @@ def _decode(container, stream, info: StreamInfo, indices: list[int], size: int |
             if size is None:
                 pictures.append(rgb)
             else:
-                waiting.append(resizer.submit(resize_frame, rgb, size))
+                waiting.append(resizer.submit(resize_to, rgb, *target_size(size, *rgb.shape[:2])))
                 pictures.append(waiting[-1])
                 while len(waiting) > _WAITING_FRAMES:
                     waiting.popleft().result()
@@ -356,10 +400,11 @@ def _decode(container, stream, info: StreamInfo, indices: list[int], size: int |
     return np.stack([p.result() if isinstance(p, Future) else p for p in pictures]), displayed
 
 
-def load_video(path: str | os.PathLike, num_frames: int = 32, size: int | None = MODEL_FRAME_SIZE,
+def load_video(path: str | os.PathLike, num_frames: int = 32, size: FrameSize = MODEL_FRAME_SIZE,
                limits: VideoLimits = VideoLimits()) -> VideoClip:
     """Probe once, check the limits, then decode num_frames uniformly sampled RGB frames, each resized to
-    size x size (PIL bicubic, as the processor) as soon as it is decoded; size=None keeps the decoded size.
+    size x size, or as a GridFit says (PIL bicubic, as the processors) as soon as it is decoded; size=None keeps
+    the decoded size.
 
     Runs in the calling process: a server uses `dycoke.decoder`, which runs this in a killable worker.
     """
@@ -394,7 +439,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 32, size: int | None =
     )
 
 
-def _decode_file(path, info: StreamInfo, indices: list[int], size: int | None, name: str,
+def _decode_file(path, info: StreamInfo, indices: list[int], size: FrameSize, name: str,
                  may_seek: bool) -> tuple[np.ndarray, tuple[int, int]]:
     with av.open(str(path), metadata_errors="ignore") as container, ThreadPoolExecutor(1) as resizer:
         stream = _video_stream(container, name)
@@ -406,7 +451,12 @@ def _decode_file(path, info: StreamInfo, indices: list[int], size: int | None, n
 
 def resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
     """PIL bicubic to size x size: the resize of LlavaOnevisionImageProcessorPil (a same-size frame is unchanged)."""
-    return np.asarray(Image.fromarray(frame).resize((size, size), resample=Image.Resampling.BICUBIC))
+    return resize_to(frame, size, size)
+
+
+def resize_to(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """PIL bicubic to height x width, as the PIL image processors resize (a same-size frame is unchanged)."""
+    return np.asarray(Image.fromarray(frame).resize((width, height), resample=Image.Resampling.BICUBIC))
 
 
 def _normalise_table() -> np.ndarray:

@@ -8,14 +8,17 @@ methods, DP, the traces, the CLI, the bench, the app) sees only these objects.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
 from dycoke.config import ConfigError
-from dycoke.limits import RequestError, check_question_tokens, clean_question
+from dycoke.limits import check_question_tokens, clean_question
+from dycoke.video import FrameSize
+
+ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"  # closes a question, opens its answer
+NEXT_USER_TURN = "<|im_end|>\n<|im_start|>user\n"  # closes an answer, opens the next question
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,12 @@ class VideoFeatures:
     frame_tokens: torch.Tensor  # [T groups, N, D] in the language model's embedding space
     layer_input: torch.Tensor | None = None  # hidden state entering the vision feature layer, if asked for
     extras: dict = field(default_factory=dict)  # family-specific: LLaVA's newline, Qwen3-VL's DeepStack features
+
+    def nbytes(self) -> int:
+        tensors = [self.frame_tokens, self.layer_input]
+        for extra in self.extras.values():
+            tensors += extra if isinstance(extra, list) else [extra]
+        return sum(tensor.nbytes for tensor in tensors if isinstance(tensor, torch.Tensor))
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,16 @@ def question_ids(tokenizer, question: str) -> list[int]:
 
 def text_ids(tokenizer, text: str) -> list[int]:
     """Template text, whose special tokens are meant."""
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+
+def positions_after(positions: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """M-RoPE positions [3, 1, P] followed by those of `count` more text tokens (text counts on from the last
+    position, which is text: its three positions are equal); None (1-D positions, left to generate) stays None."""
+    if positions is None:
+        return None
+    steps = torch.arange(1, count + 1, device=positions.device)
+    return torch.cat([positions, positions[..., -1:] + steps], dim=-1)
 
 
 def kept_layout_index(layout: PromptLayout, token_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +114,8 @@ class Family(ABC):
     name: str
     model_class: type
     model_types: tuple[str, ...]
+    before_video: str  # the chat template's text before the video: the system turn, the user's opening
+    after_video: str = ""  # the template's text between the video and the first question
 
     @abstractmethod
     def geometry(self, model: torch.nn.Module, num_frames: int, height: int, width: int) -> Geometry:
@@ -107,9 +127,29 @@ class Family(ABC):
         """Vision features of uint8 frames [T, H, W, 3], per temporal group."""
 
     @abstractmethod
+    def decode_size(self, config) -> FrameSize:
+        """What the decoder resizes frames to for a model of this config."""
+
+    def prompt_ids(self, tokenizer, question: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the video of a one-question prompt."""
+        after = text_ids(tokenizer, self.after_video) + question_ids(tokenizer, question)
+        return text_ids(tokenizer, self.before_video), after + text_ids(tokenizer, ASSISTANT_TURN)
+
     def layout(self, model: torch.nn.Module, tokenizer, question: str, geometry: Geometry,
                timestamps: tuple[float, ...], fps: float) -> PromptLayout:
-        """The full prompt as the model's processor lays it out, with its positions."""
+        """The full one-question prompt as the model's processor lays it out, with its positions."""
+        before, after = self.prompt_ids(tokenizer, question)
+        return self.video_layout(model, tokenizer, before, after, geometry, timestamps, fps)
+
+    @abstractmethod
+    def video_layout(self, model: torch.nn.Module, tokenizer, before: list[int], after: list[int],
+                     geometry: Geometry, timestamps: tuple[float, ...], fps: float) -> PromptLayout:
+        """Token ids `before`, the video as the model's processor lays it out, then `after`, with positions."""
+
+    def video_text_tokens(self, tokenizer, model: torch.nn.Module, geometry: Geometry,
+                          timestamps: tuple[float, ...]) -> int:
+        """Tokens the video takes in the prompt besides its frame tokens."""
+        return geometry.extra_tokens
 
     @abstractmethod
     def model_inputs(self, model: torch.nn.Module, layout: PromptLayout, features: VideoFeatures,
@@ -128,25 +168,6 @@ class Family(ABC):
 
     def describe(self, model: torch.nn.Module) -> str:
         return self.name
-
-
-def check_context(model: torch.nn.Module, layout: PromptLayout, geometry: Geometry, max_new_tokens: int) -> None:
-    """Refuse a request whose prompt and answer would not fit the model's positions, saying how many frames fit."""
-    context = model.config.get_text_config().max_position_embeddings
-    needed = layout.input_ids.numel() + max_new_tokens
-    if needed <= context:
-        return
-    # Tokens a group costs: its frame tokens plus the text between groups (Qwen3-VL's timestamps).
-    span = int(layout.frame_slots[-1] - layout.frame_slots[0]) + 1
-    between = math.ceil((span - geometry.frame_tokens) / (geometry.groups - 1)) if geometry.groups > 1 else 0
-    per_group = geometry.tokens_per_group + between
-    fixed = needed - span - between
-    frames = max(0, (context - fixed) // per_group) * geometry.frames_per_group
-    frames_asked = geometry.groups * geometry.frames_per_group
-    advice = f"use {frames} frames or fewer" if frames >= 1 else "shorten the question or the answer"
-    raise RequestError(f"{frames_asked} frames give {geometry.frame_tokens:,} visual tokens; with the prompt and "
-                       f"{max_new_tokens} new tokens that is {needed:,}, over this model's context of {context:,} "
-                       f"positions: {advice}")
 
 
 def refuse(method_name: str, reason: str) -> ConfigError:

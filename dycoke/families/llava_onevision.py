@@ -5,35 +5,33 @@ from __future__ import annotations
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from dycoke.families import Family, Geometry, ModelInputs, PromptLayout, VideoFeatures, question_ids, text_ids
+from dycoke.families import Family, Geometry, ModelInputs, PromptLayout, VideoFeatures
 from dycoke.video import to_pixel_values
 from dycoke.visionzip import feature_layer_index
 
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"
-
-
-def encode_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the video (its frame tokens and the newline)."""
-    asked = question_ids(tokenizer, question)
-    return text_ids(tokenizer, SYSTEM_TURN), text_ids(tokenizer, "\n") + asked + text_ids(tokenizer, ASSISTANT_TURN)
 
 
 class LlavaOneVision(Family):
     name = "llava-onevision"
     model_class = LlavaOnevisionForConditionalGeneration
     model_types = ("llava_onevision",)
+    before_video = SYSTEM_TURN
+    after_video = "\n"  # after the video's own newline token
 
     def geometry(self, model: torch.nn.Module, num_frames: int, height: int, width: int) -> Geometry:
         vision = model.config.vision_config
         side = (vision.image_size // vision.patch_size + 1) // 2  # 27x27 patches pooled bilinearly to 14x14
         return Geometry(groups=num_frames, grid_h=side, grid_w=side, extra_tokens=1)
 
+    def decode_size(self, config) -> int:
+        return config.vision_config.image_size
+
     def encode(self, model: torch.nn.Module, frames, geometry: Geometry,
                with_layer_input: bool = False) -> VideoFeatures:
         vision = model.model.vision_tower
-        pixels = to_pixel_values(frames, model.config.vision_config.image_size)
-        pixels = pixels.to(device=next(vision.parameters()).device, dtype=model.dtype)
+        pixels = to_pixel_values(frames, model.config.vision_config.image_size,
+                                 device=next(vision.parameters()).device, dtype=model.dtype)
         capture = {}
         if with_layer_input:  # hidden states are counted from the embeddings: index i enters layer i
             index = feature_layer_index(model)
@@ -49,12 +47,11 @@ class LlavaOneVision(Family):
         layer_input = outputs.hidden_states[index - 1] if capture else None
         return VideoFeatures(frame_tokens, layer_input, {"newline": features[-1]})
 
-    def layout(self, model: torch.nn.Module, tokenizer, question: str, geometry: Geometry,
-               timestamps: tuple[float, ...], fps: float) -> PromptLayout:
-        prefix, suffix = encode_prompt(tokenizer, question)
+    def video_layout(self, model: torch.nn.Module, tokenizer, before: list[int], after: list[int],
+                     geometry: Geometry, timestamps: tuple[float, ...], fps: float) -> PromptLayout:
         video = [model.config.video_token_id] * (geometry.frame_tokens + geometry.extra_tokens)
-        ids = torch.tensor(prefix + video + suffix)
-        return PromptLayout(ids, len(prefix) + torch.arange(geometry.frame_tokens))
+        ids = torch.tensor(before + video + after, dtype=torch.long)
+        return PromptLayout(ids, len(before) + torch.arange(geometry.frame_tokens))
 
     def model_inputs(self, model: torch.nn.Module, layout: PromptLayout, features: VideoFeatures,
                      compressed) -> ModelInputs:
@@ -76,3 +73,8 @@ class LlavaOneVision(Family):
 
 
 LLAVA_ONEVISION = LlavaOneVision()
+
+
+def encode_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the video (its frame tokens and the newline)."""
+    return LLAVA_ONEVISION.prompt_ids(tokenizer, question)

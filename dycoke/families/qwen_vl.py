@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from dycoke.families import (
-    Family, Geometry, ModelInputs, PromptLayout, VideoFeatures, kept_layout_index, question_ids, refuse, text_ids,
+    Family, Geometry, ModelInputs, PromptLayout, VideoFeatures, kept_layout_index, refuse, text_ids,
 )
+from dycoke.video import GridFit
 
 # The models' video processors sample 2 fps and allow up to 768·28² pixels a frame; we fix 448² a frame (16x16
 # tokens per group on Qwen2.5-VL, 14x14 on Qwen3-VL for a square clip) and the CLI's 32 frames, so that a clip
@@ -32,13 +32,11 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 HALF = (0.5, 0.5, 0.5)
 VIDEO_TYPE = 2  # mm_token_type_ids: 0 text, 1 image, 2 video
 USER_TURN = "<|im_start|>user\n"
-ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"
 
 
 class QwenVL(Family):
     """What Qwen2.5-VL and Qwen3-VL share; the subclasses differ in the prompt, the pixels' statistics and DeepStack."""
 
-    system_turn: str
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
 
@@ -46,10 +44,14 @@ class QwenVL(Family):
         vision = model.config.vision_config
         return vision.patch_size * vision.spatial_merge_size
 
+    def decode_size(self, config) -> GridFit:
+        """Multiples of patch·merge, aspect kept, at most MAX_PIXELS: the processors' smart resize."""
+        factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+        return GridFit(factor, (MIN_GRID * factor) ** 2, MAX_PIXELS)
+
     def frame_size(self, model: torch.nn.Module, height: int, width: int) -> tuple[int, int]:
-        """(height, width) of the resized frames: multiples of patch·merge, aspect kept, at most MAX_PIXELS."""
-        factor = self.factor(model)
-        return smart_resize(height, width, factor=factor, min_pixels=(MIN_GRID * factor) ** 2, max_pixels=MAX_PIXELS)
+        """(height, width) of the resized frames."""
+        return self.decode_size(model.config).size_for(height, width)
 
     def geometry(self, model: torch.nn.Module, num_frames: int, height: int, width: int) -> Geometry:
         vision = model.config.vision_config
@@ -92,11 +94,9 @@ class QwenVL(Family):
                    timestamps: tuple[float, ...]) -> list[int]:
         raise NotImplementedError
 
-    def layout(self, model: torch.nn.Module, tokenizer, question: str, geometry: Geometry,
-               timestamps: tuple[float, ...], fps: float) -> PromptLayout:
-        ids = (text_ids(tokenizer, self.system_turn + USER_TURN) + self.video_text(tokenizer, model, geometry, timestamps)
-               + question_ids(tokenizer, question) + text_ids(tokenizer, ASSISTANT_TURN))
-        ids = torch.tensor(ids)
+    def video_layout(self, model: torch.nn.Module, tokenizer, before: list[int], after: list[int],
+                     geometry: Geometry, timestamps: tuple[float, ...], fps: float) -> PromptLayout:
+        ids = torch.tensor(before + self.video_text(tokenizer, model, geometry, timestamps) + after, dtype=torch.long)
         is_video = ids == model.config.video_token_id
         mm_token_type_ids = is_video.long() * VIDEO_TYPE
         rope_inputs = self.rope_kwargs(geometry, timestamps, fps)
@@ -107,6 +107,11 @@ class QwenVL(Family):
 
     def rope_kwargs(self, geometry: Geometry, timestamps: tuple[float, ...], fps: float) -> dict:
         return {}
+
+    def video_text_tokens(self, tokenizer, model: torch.nn.Module, geometry: Geometry,
+                          timestamps: tuple[float, ...]) -> int:
+        """The vision markers and, on Qwen3-VL, each group's timestamp."""
+        return len(self.video_text(tokenizer, model, geometry, timestamps)) - geometry.frame_tokens
 
     def model_inputs(self, model: torch.nn.Module, layout: PromptLayout, features: VideoFeatures,
                      compressed) -> ModelInputs:
@@ -159,7 +164,7 @@ class Qwen2_5VL(QwenVL):
     name = "qwen2.5-vl"
     model_class = Qwen2_5_VLForConditionalGeneration
     model_types = ("qwen2_5_vl",)
-    system_turn = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    before_video = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + USER_TURN
     image_mean, image_std = CLIP_MEAN, CLIP_STD
 
     def video_text(self, tokenizer, model, geometry, timestamps) -> list[int]:
@@ -177,18 +182,19 @@ class Qwen3VL(QwenVL):
     name = "qwen3-vl"
     model_class = Qwen3VLForConditionalGeneration
     model_types = ("qwen3_vl",)
-    system_turn = ""  # Qwen3-VL's chat template adds no default system turn
+    before_video = USER_TURN  # Qwen3-VL's chat template adds no default system turn
     image_mean, image_std = HALF, HALF
 
     def video_text(self, tokenizer, model, geometry, timestamps) -> list[int]:
         """The chat template's <|vision_start|><|video_pad|><|vision_end|>, its pad replaced by the processor with
         `<t seconds><|vision_start|>pads<|vision_end|>` per group."""
         pads = [model.config.video_token_id] * geometry.tokens_per_group
-        ids = text_ids(tokenizer, "<|vision_start|>")
-        for seconds in self.group_times(timestamps, geometry):
-            ids += text_ids(tokenizer, f"<{seconds:.1f} seconds><|vision_start|>") + pads
-            ids += text_ids(tokenizer, "<|vision_end|>")
-        return ids + text_ids(tokenizer, "<|vision_end|>")
+        start, end = text_ids(tokenizer, "<|vision_start|>"), text_ids(tokenizer, "<|vision_end|>")
+        stamps = [f"<{seconds:.1f} seconds><|vision_start|>" for seconds in self.group_times(timestamps, geometry)]
+        ids = list(start)
+        for stamp in tokenizer(stamps, add_special_tokens=False).input_ids:  # one call: the context check counts often
+            ids += stamp + pads + end
+        return ids + end
 
     def feature_extras(self, outputs) -> dict:
         return {"deepstack": [features[0] for features in outputs.deepstack_features]}
