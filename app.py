@@ -80,8 +80,9 @@ CSS = """
 #model-banner.random-weights { background: #fff4e5; border-color: #f0a040; }
 #model-banner.random-weights, #model-banner.random-weights * { color: #5a3500; }
 #model-banner.random-weights strong { color: #8a3b00; }
-.dark #model-banner.random-weights { background: #3b2a12; border-color: #b07020; }
-.dark #model-banner.random-weights, .dark #model-banner.random-weights * { color: #ffe0b8; }
+/* One selector per .dark rule: gradio's scoping mangles the second selector of a .dark list. */
+.dark #model-banner.random-weights { background: #3b2a12; border-color: #b07020; color: #ffe0b8; }
+.dark #model-banner.random-weights * { color: #ffe0b8; }
 #model-banner p { margin: 2px 0; }
 .pane-header { min-height: 5.2em; }
 .pane-header p { margin: 2px 0; }

@@ -136,7 +136,8 @@ def _step_heatmap_spec(trace: dict, title: str, height: int = HEATMAP_HEIGHT, da
         "title": {"text": title, "x": 0, "xanchor": "left", "font": {"size": 13}}, "uirevision": HEATMAP_UIREVISION,
         "height": height, "margin": dict(HEATMAP_MARGIN, t=HEATMAP_MARGIN["t"] if title else 10),
         "paper_bgcolor": theme["paper_bgcolor"], "plot_bgcolor": theme["plot_bgcolor"], "font": theme["font"],
-        "xaxis": {"type": "category", "tickvals": step_ticks,
+        # No grid: the cells cover it, and over an empty reselection strip it drew white lines in dark mode.
+        "xaxis": {"type": "category", "showgrid": False, "tickvals": step_ticks,
                   "ticktext": [label.removeprefix("steps ").removeprefix("step ").split("–")[0] for label in step_ticks],
                   "title": {"text": "decoding step" + (f" ({len(bins[0])} per column)" if binned else ""),
                             "standoff": 4}},
