@@ -363,8 +363,11 @@ class _SeekMissed(Exception):
 def _decode(container, stream, info: StreamInfo, indices: list[int], size: FrameSize, name: str,
             may_seek: bool, resizer: ThreadPoolExecutor) -> tuple[np.ndarray, tuple[int, int]]:
     """The frames at `indices`, each resized (in `resizer`, while the next one decodes) as soon as it is decoded;
-    and the displayed (width, height). At most _WAITING_FRAMES full-size frames wait for their resize."""
+    and the displayed (width, height). At most _WAITING_FRAMES full-size frames wait for their resize; a frame
+    above _FRAME_THREADS_MAX_PIXELS is resized before the next one decodes, so that a slow resize on a loaded
+    machine never lets several huge frames pile up (8000x8000: 192 MB each)."""
     seeks, _ = decode_plan(info.keyframes, indices)
+    may_wait = _WAITING_FRAMES if info.width * info.height <= _FRAME_THREADS_MAX_PIXELS else 0
     pictures: list[np.ndarray | Future] = []
     waiting: deque[Future] = deque()
     displayed = (info.width, info.height)
@@ -392,7 +395,8 @@ def _decode(container, stream, info: StreamInfo, indices: list[int], size: Frame
             else:
                 waiting.append(resizer.submit(resize_to, rgb, *target_size(size, *rgb.shape[:2])))
                 pictures.append(waiting[-1])
-                while len(waiting) > _WAITING_FRAMES:
+                del rgb  # the future holds it until resized; the loop must not keep it alive past that
+                while len(waiting) > may_wait:
                     waiting.popleft().result()
             break
         else:
