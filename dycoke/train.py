@@ -85,7 +85,31 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaOnevision
     model = model_class._from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    embeddings = model.model.vision_tower.embeddings
+    with torch.no_grad():
+        weight = embeddings.position_embedding.weight
+        weight.copy_(sincos_positions(int(math.isqrt(weight.shape[0])), weight.shape[1], weight.std().item()))
     return model
+
+
+def sincos_positions(side: int, width: int, rms: float) -> torch.Tensor:
+    """2-D sine-cosine position embeddings (MAE's), [side * side, width] in row-major patch order, scaled to `rms`.
+
+    A randomly initialised embedding gives each patch an unrelated vector; a small model then needs most of its
+    budget to learn where patches are before it can learn which way something moves. Here half the width
+    encodes the row and half the column, at frequencies from one cycle per patch to one per ~10^4 patches, and
+    training may still change them."""
+    quarter = width // 4
+    frequencies = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coordinate in (rows.flatten(), cols.flatten()):
+        angles = coordinate[:, None] * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)
+    table = torch.nn.functional.pad(table, (0, width - table.shape[1]))
+    return (table * rms / table.pow(2).mean().sqrt()).float()
 
 
 class Batch:

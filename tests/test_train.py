@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from dycoke.pipeline import encode_prompt
@@ -36,3 +39,20 @@ def test_a_few_steps_on_a_handful_of_items_lower_the_loss():
     history = fit(model, tokenizer, settings, pool=pool)
     assert len(history) == 6
     assert pool_loss() < 0.7 * before
+
+
+def test_the_vision_position_embeddings_start_as_2d_sine_cosine():
+    """Patch (row, col) of SigLIP's 27 x 27 grid: the first quarter of the width is sin(row * w_k), then cos(row *
+    w_k), sin(col * w_k), cos(col * w_k), with w_k = 10000^(-k / quarter); all scaled by one constant."""
+    model = build_model(build_word_tokenizer(), seed=0)
+    table = model.model.vision_tower.embeddings.position_embedding.weight.detach().double()
+    side, width = 27, table.shape[1]
+    quarter = width // 4
+    row, col, k = 5, 19, 3
+    w = 10000 ** (-k / quarter)
+    entry = table[row * side + col]
+    scale = entry[quarter + 0] / math.cos(row * 1.0)  # k = 0: cos(row * 1)
+    expected = [math.sin(row * w), math.cos(row * w), math.sin(col * w), math.cos(col * w)]
+    got = [entry[k], entry[quarter + k], entry[2 * quarter + k], entry[3 * quarter + k]]
+    assert [float(g / scale) for g in got] == pytest.approx(expected, abs=1e-6)
+    assert table.pow(2).mean().sqrt().item() == pytest.approx(1 / math.sqrt(64), rel=0.05)  # SigLIP's own init scale
