@@ -61,6 +61,10 @@ class TrainSettings:
     save_every: int = 0  # steps between checkpoints written to the output folder (0: only at the end)
     item_offset: int = 0  # first train-split index; a continued run starts past the items already seen
     task_weights: tuple[float, ...] = (1.0,) * len(TASKS)  # sampling weight of each task, in TASKS order
+    # The first `early_steps` draw from `early_frame_mix`: short clips are cheap steps, and a model from scratch
+    # spends its first hundreds of steps learning to read the frames at all, which it learns as well from 8.
+    early_steps: int = 0
+    early_frame_mix: tuple[tuple[int, float], ...] = ((8, 1.0),)
 
 
 def build_word_tokenizer() -> PreTrainedTokenizerFast:
@@ -142,7 +146,7 @@ class Batch:
 
 
 def sample_batch(rng: random.Random, step: int, settings: TrainSettings) -> list[Item]:
-    frame_counts, weights = zip(*settings.frame_mix)
+    frame_counts, weights = zip(*(settings.early_frame_mix if step < settings.early_steps else settings.frame_mix))
     num_frames = rng.choices(frame_counts, weights)[0]
     base = settings.item_offset + step * settings.batch_size
     tasks = rng.choices(TASKS, settings.task_weights, k=settings.batch_size)
@@ -241,7 +245,8 @@ def train(out: Path, settings: TrainSettings, log_path: Path | None = None, init
     history = fit(model, tokenizer, settings, log_path=log_path, out=out)
     final = validate(model, tokenizer, settings.eval_items)
     summary = {"steps": len(history), "minutes": round((time.monotonic() - started) / 60, 1), "validation": final,
-               "settings": {**settings.__dict__, "frame_mix": [list(pair) for pair in settings.frame_mix]}}
+               "settings": {**settings.__dict__, "frame_mix": [list(pair) for pair in settings.frame_mix],
+                            "early_frame_mix": [list(pair) for pair in settings.early_frame_mix]}}
     save(model.eval(), tokenizer, out, summary)
     return summary
 
@@ -268,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, default=None, help="append one JSON line per step to this file")
     parser.add_argument("--frame-mix", default="8:0.45,16:0.4,32:0.15",
                         help="frame counts and their shares of the batches (default 8:0.45,16:0.4,32:0.15)")
+    parser.add_argument("--early-steps", type=int, default=0,
+                        help="the first N steps draw their frame counts from --early-frame-mix")
+    parser.add_argument("--early-frame-mix", default="8:1", help="frame mix of the early steps (default 8:1)")
     parser.add_argument("--warmup-steps", type=int, default=TrainSettings.warmup_steps)
     parser.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps")
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint directory")
@@ -276,14 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--item-offset", type=int, default=0,
                         help="first train-split item index (a continued run passes the items already seen)")
     args = parser.parse_args(argv)
-    mix = tuple((int(frames), float(share)) for frames, share in
-                (pair.split(":") for pair in args.frame_mix.split(",")))
+    mix, early_mix = (tuple((int(frames), float(share)) for frames, share in
+                            (pair.split(":") for pair in text.split(","))) for text in (args.frame_mix,
+                                                                                         args.early_frame_mix))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     settings = TrainSettings(minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size,
                              learning_rate=args.learning_rate, eval_every=args.eval_every,
                              eval_items=args.eval_items, seed=args.seed, threads=args.threads,
                              frame_mix=mix, warmup_steps=args.warmup_steps, save_every=args.save_every,
-                             item_offset=args.item_offset,
+                             item_offset=args.item_offset, early_steps=args.early_steps,
+                             early_frame_mix=early_mix,
                              task_weights=tuple(float(w) for w in args.task_weights.split(","))
                              if args.task_weights else TrainSettings.task_weights)
     summary = train(args.out, settings, args.log, args.init)

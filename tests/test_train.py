@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
 from dycoke.pipeline import encode_prompt
-from dycoke.train import Batch, TrainSettings, build_model, build_word_tokenizer, fit
+from dycoke.train import Batch, TrainSettings, build_model, build_word_tokenizer, fit, sample_batch
 from dycoke.videoqa import TASKS, make_item
 
 
@@ -56,3 +57,11 @@ def test_the_vision_position_embeddings_start_as_2d_sine_cosine():
     got = [entry[k], entry[quarter + k], entry[2 * quarter + k], entry[3 * quarter + k]]
     assert [float(g / scale) for g in got] == pytest.approx(expected, abs=1e-6)
     assert table.pow(2).mean().sqrt().item() == pytest.approx(1 / math.sqrt(64), rel=0.05)  # SigLIP's own init scale
+
+
+def test_the_early_steps_draw_from_their_own_frame_mix():
+    settings = TrainSettings(batch_size=1, frame_mix=((16, 1.0),), early_steps=3, early_frame_mix=((8, 1.0),),
+                             task_weights=(1.0, 0, 0, 0, 0, 0))
+    rng = random.Random(0)
+    counts = [len(sample_batch(rng, step, settings)[0].frames) for step in range(6)]
+    assert counts == [8, 8, 8, 16, 16, 16]
