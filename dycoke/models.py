@@ -166,6 +166,11 @@ class LoadedModel:
         return self.family.geometry(self.model, 1, side, side).tokens_per_group
 
     @property
+    def frames_per_group(self) -> int:
+        """Video frames merged into one temporal group: Qwen-VL's temporal patch, 1 on LLaVA-OneVision."""
+        return self.family.geometry(self.model, 1, self.image_size, self.image_size).frames_per_group
+
+    @property
     def notice(self) -> str | None:
         """What a user must know about this model's answers, or None for real pretrained weights."""
         if self.name == "tiny":

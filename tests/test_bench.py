@@ -6,6 +6,7 @@ No timing is asserted anywhere: the numbers depend on the machine.
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -17,15 +18,18 @@ from dycoke.bench import (
     decode_flops,
     kv_bytes,
     main,
+    markdown_table,
     parse_method_spec,
     parse_methods,
     physical_limits,
     prefill_flops,
+    qwen_vision_flops,
     synthetic_clip,
     table_device,
     vision_flops,
 )
 from dycoke.config import ConfigError
+from dycoke.families import Geometry
 
 # hidden 8, 2 heads of 4, 1 kv head, MLP 16, 2 layers, vocabulary 10
 SMALL_TEXT = SimpleNamespace(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -177,3 +181,70 @@ def test_decode_weight_bytes_count_the_head_but_not_the_embedding_table(tied):
     # head 10*8 = 80: 1304 float32 values read per step, whether or not the head is the embedding table.
     assert weights["language"] == 4 * 1304
     assert weights["all"] == 4 * (1304 if tied else 1304 + 80)
+
+
+# Qwen2.5-VL-like: 14 px patches, merge 2, temporal patch 2, width 4, MLP 8 (gated), 2 layers, layer 1 full
+# attention, layer 0 in windows of 56 px = 2x2 merged tokens, merger out to 8.
+SMALL_QWEN25_VISION = SimpleNamespace(hidden_size=4, intermediate_size=8, spatial_merge_size=2, patch_size=14,
+                                      temporal_patch_size=2, depth=2, fullatt_block_indexes=[1], window_size=56,
+                                      out_hidden_size=8)
+# Qwen3-VL-like: 16 px patches, plain MLP, 1 layer of full attention, one DeepStack merger besides the main one.
+SMALL_QWEN3_VISION = SimpleNamespace(hidden_size=4, intermediate_size=8, spatial_merge_size=2, patch_size=16,
+                                     temporal_patch_size=2, depth=1, deepstack_visual_indexes=[0], out_hidden_size=8)
+
+
+def test_qwen25_vision_flops_match_a_hand_count():
+    # 2 groups of 3x2 merged tokens = 6 tokens, 24 patches each (2x2 per token).
+    # Patch embedding 2*24*(3*2*14*14)*4 = 225792. Per layer 2*24*(4*16 + 3*4*8) = 7680, two layers 15360.
+    # Layer 0's windows of 2x2 merged tokens: rows split 2+1, columns 2: windows of 16 and 8 patches, pairs
+    # 256 + 64 = 320, attention 4*4*320 = 5120; layer 1 over all 24 patches: 4*4*576 = 9216.
+    # Merger on 6 tokens of width 16: 2*6*(16*16 + 16*8) = 4608. Per group 260096, two groups 520192.
+    assert qwen_vision_flops(SMALL_QWEN25_VISION, Geometry(2, 3, 2, 2)) == 520192
+
+
+def test_qwen3_vision_flops_match_a_hand_count():
+    # 1 group of 2x2 merged tokens, 16 patches. Embedding 2*16*(3*2*16*16)*4 = 196608; the layer 2*16*(4*16 + 2*4*8)
+    # = 4096 and attention 4*4*16*16 = 4096; two mergers (main, DeepStack) 2 * 2*4*(16*16 + 16*8) = 6144.
+    assert qwen_vision_flops(SMALL_QWEN3_VISION, Geometry(1, 2, 2, 2)) == 210944
+
+
+def test_qwen_vision_flops_count_groups_not_frames():
+    # The cost is per temporal group: twice the groups, twice the FLOPs; a 448x448 clip of Qwen2.5-VL's real
+    # geometry is 16x16 merged tokens per group whatever the frame count inside the group.
+    one = qwen_vision_flops(SMALL_QWEN25_VISION, Geometry(1, 16, 16, 2))
+    assert qwen_vision_flops(SMALL_QWEN25_VISION, Geometry(4, 16, 16, 2)) == 4 * one
+
+
+@pytest.fixture(scope="module", params=["qwen2.5-vl-tiny", "qwen3-vl-tiny"])
+def qwen_report(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / f"{request.param}.json"
+    code = main(["--preset", request.param, "--device", "cpu", "--frames", "4", "--methods", "baseline,dycoke",
+                 "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--out", str(out), "--html", "",
+                 "--quiet"])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_qwen_presets_bench_temporal_groups_of_merged_tokens(qwen_report):
+    from dycoke.models import load
+
+    name = qwen_report["model"]["name"]
+    # The synthetic clip is drawn at 448x448: 16x16 tokens per group with patch 14 (Qwen2.5-VL), 14x14 with
+    # patch 16 (Qwen3-VL); 4 frames are 2 groups of 2.
+    side = {"qwen2.5-vl-tiny": 16, "qwen3-vl-tiny": 14}[name]
+    tokens = side * side
+    assert qwen_report["model"]["frames_per_group"] == 2 and qwen_report["model"]["tokens_per_frame"] == tokens
+    baseline, dycoke = qwen_report["rows"]
+    assert (baseline["groups"], baseline["tokens_per_group"]) == (2, tokens)
+    assert baseline["visual_tokens_prefill"] == baseline["visual_tokens_attended"] == 2 * tokens
+    # DyCoke's defaults K = 0.7, W = 4, P = 0.7: group 0 is the only anchor, group 1 keeps floor(0.3 N).
+    kept = tokens + math.floor(0.3 * tokens + 1e-9)
+    assert dycoke["visual_tokens_prefill"] == kept
+    assert dycoke["visual_tokens_attended"] == math.floor(0.3 * kept + 1e-9)
+    # Markers and timestamps counted as text: the analytic cache equals the one the baseline really filled.
+    assert baseline["kv_cache_bytes"] == baseline["kv_cache_bytes_analytic_full"]
+    assert dycoke["prefill_tokens"] - dycoke["visual_tokens_prefill"] == \
+        baseline["prefill_tokens"] - baseline["visual_tokens_prefill"]
+    config = load(name, device="cpu").model.config
+    assert baseline["flops"]["vision"] == qwen_vision_flops(config.vision_config, Geometry(2, side, side, 2))
+    assert "\n| 4 (2 groups) | baseline | " in markdown_table(qwen_report)

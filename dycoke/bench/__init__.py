@@ -13,8 +13,8 @@ measured peaks), `summary` (rows, ratios, targets), `report` (tables and chart),
 
 from dycoke.bench.cli import build_parser, main
 from dycoke.bench.clip import synthetic_clip
-from dycoke.bench.costs import (TextDims, decode_flops, kv_bytes, model_weights, physical_limits, prefill_flops,
-                                vision_flops)
+from dycoke.bench.costs import (TextDims, decode_flops, kv_bytes, model_vision_flops, model_weights,
+                                physical_limits, prefill_flops, qwen_vision_flops, vision_flops)
 from dycoke.bench.devices import DEVICE_TABLE, DeviceSpec, machine_name, measure_device, table_device
 from dycoke.bench.report import decode_table, markdown_table, targets_table
 from dycoke.bench.runner import QUESTION, SCHEMA, BenchSettings, run_bench
@@ -24,6 +24,7 @@ from dycoke.bench.summary import RATIO_KEYS, TARGETS, targets
 __all__ = [
     "BenchSettings", "DEVICE_TABLE", "DeviceSpec", "MethodSpec", "QUESTION", "RATIO_KEYS", "SCHEMA", "TARGETS",
     "TextDims", "build_parser", "decode_flops", "decode_table", "kv_bytes", "machine_name", "main",
-    "markdown_table", "measure_device", "model_weights", "parse_method_spec", "parse_methods", "physical_limits",
-    "prefill_flops", "run_bench", "synthetic_clip", "table_device", "targets", "targets_table", "vision_flops",
+    "markdown_table", "measure_device", "model_vision_flops", "model_weights", "parse_method_spec", "parse_methods",
+    "physical_limits", "prefill_flops", "qwen_vision_flops", "run_bench", "synthetic_clip", "table_device",
+    "targets", "targets_table", "vision_flops",
 ]

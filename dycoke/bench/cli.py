@@ -16,12 +16,17 @@ from dycoke.bench.summary import targets
 from dycoke.methods import get_method, matchable_names, method_names
 
 
-# Repeats and warm-up per preset: `mini` at 8 and 32 frames stays within a few minutes on two CPU cores.
+# Repeats and warm-up per preset (dycoke.models.PRESETS): the CPU-sized ones (`mini`, the tiny ones) at 8 and 32
+# frames stay within a few minutes on two CPU cores; the others have the real models' sizes, for a GPU.
 PRESET_DEFAULTS = {
     "tiny-random": dict(repeats=3, warmup=1),
     "mini": dict(repeats=3, warmup=1),
     "ov-0.5b": dict(repeats=5, warmup=1),
     "ov-7b": dict(repeats=5, warmup=1),
+    "qwen2.5-vl-tiny": dict(repeats=3, warmup=1),
+    "qwen3-vl-tiny": dict(repeats=3, warmup=1),
+    "qwen2.5-vl-7b": dict(repeats=5, warmup=1),
+    "qwen3-vl-8b": dict(repeats=5, warmup=1),
 }
 DEFAULT_RUNS = dict(repeats=5, warmup=1)
 
@@ -32,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Latency, memory and physical limits of every method, side by side in one process.",
     )
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--preset", choices=["tiny-random", "mini", "ov-0.5b", "ov-7b"],
-                       help="random-weight model with the compute of its name (default: mini)")
+    model.add_argument("--preset", choices=list(PRESET_DEFAULTS),
+                       help="random-weight model with the compute and geometry of its name (default: mini)")
     model.add_argument("--model", help="real weights: a Hugging Face Hub id or a local path")
     parser.add_argument("--frames", default="8,32", help="comma-separated frame counts (default: 8,32)")
     parser.add_argument("--methods", default=None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dycoke.bench.devices import DeviceSpec
+from dycoke.families import Geometry
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,49 @@ def vision_flops(vision_config, frames: int, text_hidden: int) -> int:
         head = 2 * patches * 2 * d * d + 4 * patches * d + 2 * (2 * d * d + 2 * d * inner)
     projector = 2 * patches * (d * text_hidden + text_hidden * text_hidden)
     return frames * (embed + vision_config.num_hidden_layers * layer + head + projector)
+
+
+def window_sides(side: int, window: int) -> list[int]:
+    """Merged tokens per window along one side: full windows, then the remainder (Qwen2.5-VL's window index)."""
+    return [window] * (side // window) + ([side % window] if side % window else [])
+
+
+def qwen_vision_flops(vision_config, geometry: Geometry) -> int:
+    """Matmul FLOPs of Qwen2.5-VL's or Qwen3-VL's vision tower and mergers on a clip of `geometry`.
+
+    Per temporal group of P = grid_h·grid_w·m² patches (m the spatial merge): the 3-D patch embedding
+    2·P·(3·tp·p²)·d, per layer 2·P·(4d² + MLP) with a gated MLP (3·d·I, Qwen2.5-VL) or a plain one (2·d·I,
+    Qwen3-VL), and attention 4·d·Σ L² over the sequences it runs on: the whole group, or on Qwen2.5-VL's windowed
+    layers each window of (window_size / p / m)² merged tokens (m⁴·Σ rows²·Σ columns² in patches²). Each merger
+    maps the grid_h·grid_w merged tokens d·m² -> d·m² -> out: one, plus one per DeepStack layer on Qwen3-VL.
+    """
+    d, inner, merge = vision_config.hidden_size, vision_config.intermediate_size, vision_config.spatial_merge_size
+    patches = geometry.tokens_per_group * merge**2
+    embed = 2 * patches * 3 * vision_config.temporal_patch_size * vision_config.patch_size**2 * d
+    full_layers = getattr(vision_config, "fullatt_block_indexes", None)
+    windowed = full_layers is not None  # Qwen2.5-VL: windowed attention and a gated MLP
+    mlp = (3 if windowed else 2) * d * inner
+    layers = vision_config.depth * 2 * patches * (4 * d * d + mlp)
+    pairs = [patches**2] * vision_config.depth
+    if windowed:
+        window = vision_config.window_size // vision_config.patch_size // merge
+        rows = sum(r * r for r in window_sides(geometry.grid_h, window))
+        columns = sum(c * c for c in window_sides(geometry.grid_w, window))
+        pairs = [pairs[layer] if layer in full_layers else merge**4 * rows * columns
+                 for layer in range(vision_config.depth)]
+    attention = 4 * d * sum(pairs)
+    merged_width = d * merge**2
+    mergers = 1 + len(getattr(vision_config, "deepstack_visual_indexes", None) or ())
+    merger = 2 * geometry.tokens_per_group * (merged_width**2 + merged_width * vision_config.out_hidden_size)
+    return geometry.groups * (embed + layers + attention + mergers * merger)
+
+
+def model_vision_flops(config, geometry: Geometry) -> int:
+    """Vision FLOPs of a clip of `geometry` on a model of `config`, whatever its family."""
+    vision = config.vision_config
+    if hasattr(vision, "temporal_patch_size"):
+        return qwen_vision_flops(vision, geometry)
+    return vision_flops(vision, geometry.groups, config.text_config.hidden_size)
 
 
 def kv_bytes(config, keys_per_layer: int | Sequence[float], bytes_per_value: int) -> float:

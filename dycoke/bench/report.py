@@ -19,6 +19,12 @@ def _times(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
+def _frames(row: dict) -> str:
+    """`8`, or `8 (4 groups)` on a model that merges frames into temporal groups (Qwen-VL)."""
+    groups = row.get("groups", row["frames"])
+    return str(row["frames"]) if groups == row["frames"] else f"{row['frames']} ({groups} groups)"
+
+
 def markdown_table(report: dict) -> str:
     """One line per (frames, method): medians with (min–max), ratios vs baseline, and % of the physical limit."""
     rows = report["rows"]
@@ -36,7 +42,7 @@ def markdown_table(report: dict) -> str:
             memory, memory_ratio = row["kv_cache_bytes"] / 1e6, ratios["kv_cache"]
         spread = row["spread"]
         lines.append("| " + " | ".join([
-            str(row["frames"]),
+            _frames(row),
             row["method"],
             f"{row['visual_tokens_prefill']:,} / {row['visual_tokens_attended']:,.0f}",
             _range(spread["ttft_ms"]),
@@ -65,7 +71,7 @@ def decode_table(report: dict) -> str:
         steps = max(1, round(row["new_tokens"] - 1))
         reselections = row["reselections"] or 0
         lines.append("| " + " | ".join([
-            str(row["frames"]),
+            _frames(row),
             row["method"],
             _fmt(row["decode_step_ms"], 2),
             f"{_fmt(split['reuse'], 2)} ({split['reuse_steps']})",

@@ -108,20 +108,20 @@ class BenchSettings:
 def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None = None,
               log: Callable[[str], None] = lambda line: None) -> dict:
     """Measure every (frames, method) and return the report: settings, machine, model, and one row each."""
-    from dycoke.pipeline import encode_prompt
-
     loaded = pipeline.loaded
     clock = pipeline.clock
     measured = device_spec is None and needs_measuring(loaded.device)
     device_spec = device_spec or device_spec_for(loaded.device, loaded.dtype, clock)
     timer = ForwardTimer(loaded.model, clock)
-    prefix, suffix = encode_prompt(loaded.tokenizer, QUESTION)
-    text_tokens = len(prefix) + len(suffix) + 1  # the newline after the frames is a text token too
     weights = model_weights(loaded.model)
     load_before = load_average()
     rows = []
     for frames in settings.frames:
         clip, video_decode_ms = _clip(pipeline, settings.video, frames)
+        geometry = pipeline.geometry(clip)
+        # Every prompt token that is not a frame token: the template, the question, and the video's own markers
+        # (LLaVA-OneVision's newline; Qwen-VL's vision start/end and Qwen3-VL's timestamps, which grow with frames).
+        text_tokens = len(pipeline.layout(clip, QUESTION).input_ids) - geometry.frame_tokens
         samples: dict[str, list[Sample]] = {spec.label: [] for spec in settings.methods}
         for repeat in range(settings.warmup + settings.repeats):
             shift = repeat % len(settings.methods)
@@ -134,7 +134,7 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
                 if repeat >= settings.warmup:
                     samples[spec.label].append(sample)
         frame_rows = [
-            summarise(spec, frames, samples[spec.label], loaded, text_tokens, weights, video_decode_ms)
+            summarise(spec, frames, samples[spec.label], loaded, text_tokens, weights, video_decode_ms, geometry)
             for spec in settings.methods
         ]
         add_ratios(frame_rows)
@@ -156,7 +156,9 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
             "weight_bytes": weights["all"],
             "language_weight_bytes": weights["language"],
             "text_config": dims_dict(TextDims.of(loaded.model.config.text_config)),
-            "tokens_per_frame": loaded.tokens_per_frame,
+            "family": loaded.family.name,
+            "tokens_per_frame": loaded.tokens_per_frame,  # per temporal group on Qwen-VL, for a square clip
+            "frames_per_group": loaded.frames_per_group,
         },
         "settings": {
             "frames": settings.frames,
@@ -167,9 +169,11 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
             "repeats": settings.repeats,
             "warmup": settings.warmup,
             "order": "interleaved: every repeat runs every method once, starting one method later each repeat",
-            "video": settings.video or "synthetic moving shapes, 384x384, generated in-process",
+            "video": settings.video or (f"synthetic moving shapes, {loaded.image_size}x{loaded.image_size}, "
+                                        "generated in-process"),
             "question": QUESTION,
-            "prompt_text_tokens": text_tokens,
+            "prompt_text_tokens": {str(row["frames"]): row["prefill_tokens"] - row["visual_tokens_prefill"]
+                                   for row in rows},
             "config": settings.base_config.to_dict(),
         },
         "device_table": {key: spec.to_dict() for key, spec in DEVICE_TABLE.items()} | {"used": device_spec.to_dict()},
@@ -178,7 +182,7 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
 
 
 def _clip(pipeline, video: str | None, frames: int) -> tuple[VideoClip, float]:
-    if video is None:
-        return synthetic_clip(frames), 0.0
+    if video is None:  # at the model's own square frame size: 384 on LLaVA-OneVision, 448 on Qwen-VL
+        return synthetic_clip(frames, pipeline.loaded.image_size), 0.0
     clip = pipeline.load_video(video, frames)
     return replace(clip, decode_seconds=0.0), round(1000.0 * clip.decode_seconds, 3)

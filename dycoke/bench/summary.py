@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dycoke.bench.costs import TextDims, decode_flops, kv_bytes, physical_limits, prefill_flops, vision_flops
+from dycoke.bench.costs import TextDims, decode_flops, kv_bytes, model_vision_flops, physical_limits, prefill_flops
 from dycoke.bench.devices import DEVICE_TABLE, DeviceSpec
 from dycoke.bench.specs import MethodSpec
+from dycoke.families import Geometry
 
 if TYPE_CHECKING:
     from dycoke.bench.runner import Sample
@@ -31,8 +32,11 @@ def _median(values: Sequence[float]) -> float | None:
 
 
 def summarise(spec: MethodSpec, frames: int, samples: list[Sample], loaded, text_tokens: int, weights: dict,
-              video_decode_ms: float) -> dict:
-    """One row of the report: medians, spreads, token counts, analytic FLOPs and bytes, limits on every device."""
+              video_decode_ms: float, geometry: Geometry) -> dict:
+    """One row of the report: medians, spreads, token counts, analytic FLOPs and bytes, limits on every device.
+
+    `geometry` is the clip's on this model: `frames` video frames are `geometry.groups` temporal groups on
+    Qwen-VL, each of `geometry.tokens_per_group` merged tokens."""
     model_config = loaded.model.config
     text_config = model_config.text_config
     first = samples[0].metrics
@@ -68,7 +72,7 @@ def summarise(spec: MethodSpec, frames: int, samples: list[Sample], loaded, text
                        for layer in range(dims.layers)]
     dp_active = first["reselections"] > 0
     flops = {
-        "vision": vision_flops(model_config.vision_config, frames, text_config.hidden_size),
+        "vision": model_vision_flops(model_config, geometry),
         "prefill": prefill_flops(text_config, prefill_lengths),
         "decode_step": decode_flops(text_config, keys_per_layer, scored_keys=round(mean_context) if dp_active else 0),
     }
@@ -84,6 +88,8 @@ def summarise(spec: MethodSpec, frames: int, samples: list[Sample], loaded, text
         "frames": frames,
         "method": spec.label,
         "base_method": spec.method,
+        "groups": geometry.groups,
+        "tokens_per_group": geometry.tokens_per_group,
         "config": config,
         "samples": len(samples),
         "new_tokens": new_tokens,
