@@ -273,10 +273,10 @@ class RunSettings:
 
 
 def pane_header(role: str, method: Method | None, config: DyCokeConfig, num_frames: int, max_new_tokens: int,
-                tokens_per_frame: int) -> str:
+                tokens_per_frame: int, frames_per_group: int = 1) -> str:
     if method is None:
         return f"**{role}: none**\n\nPick a method under *Settings → Compare with* to run one."
-    line = viz.settings_line(method, config, num_frames, max_new_tokens, tokens_per_frame)
+    line = viz.settings_line(method, config, num_frames, max_new_tokens, tokens_per_frame, frames_per_group)
     return f"**{role}: `{method.name}`** — {method.summary}\n\n`{line}`"
 
 
@@ -567,7 +567,8 @@ class DyCokeApp:
         asked = {"role": "user", "content": question}
         tokens = self.loaded.tokens_per_frame
         header = {role: pane_header(role.title(), settings.methods.get(role), settings.config, settings.num_frames,
-                                    settings.max_new_tokens, tokens) for role in ("comparison", "method")}
+                                    settings.max_new_tokens, tokens, self.loaded.frames_per_group)
+                  for role in ("comparison", "method")}
         waiting = placeholders(method="Waiting for the comparison run.") if with_comparison else placeholders()
         yield self._outputs(
             question="", status=status, error="", headline="", download=gr.update(value=None, visible=False),
@@ -707,7 +708,8 @@ def preview_headers(handlers: DyCokeApp, method, compare, num_frames, max_new_to
         return gr.skip(), gr.skip()
     tokens = handlers.loaded.tokens_per_frame
     return tuple(pane_header(role.title(), settings.methods.get(role), settings.config, settings.num_frames,
-                             settings.max_new_tokens, tokens) for role in ("comparison", "method"))
+                             settings.max_new_tokens, tokens, handlers.loaded.frames_per_group)
+                 for role in ("comparison", "method"))
 
 
 def shown_controls(method: str, compare: str, match_budget: bool) -> list:
@@ -763,7 +765,7 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
     default_tokens = 64
     defaults = DyCokeConfig()
     shown = {knob.name for knob in knobs_shown([default_method, default_compare], MATCH_REFERENCE)}
-    tokens = loaded.tokens_per_frame
+    tokens, per_group = loaded.tokens_per_frame, loaded.frames_per_group
 
     with gr.Blocks(title="DyCoke: token compression for video LLMs", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("## DyCoke: dynamic token compression for video LLMs\n"
@@ -821,11 +823,11 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
                     comparison_column, (comparison_header, comparison_chat, comparison_stats,
                                         comparison_heatmap) = answer_pane(
                         "comparison", pane_header("Comparison", get_method(default_compare), defaults,
-                                                  default_frames, default_tokens, tokens),
+                                                  default_frames, default_tokens, tokens, per_group),
                         "The comparison's answer streams here.")
                     _, (method_header, method_chat, method_stats, method_heatmap) = answer_pane(
                         "method", pane_header("Method", get_method(default_method), defaults, default_frames,
-                                              default_tokens, tokens),
+                                              default_tokens, tokens, per_group),
                         "The method's answer streams here.")
                 gr.Markdown("**Heatmap:** one row per frame (its time on the left), one column per decoding "
                             "step (several once there are more than 120 steps, averaged); colour = share of that "

@@ -480,19 +480,31 @@ def _knob_value(value: object) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def frames_label(num_frames: int, frames_per_group: int = 1) -> str:
+    """`16 frames`, or on a model that merges frames into temporal groups (Qwen-VL) `16 frames in 8 groups`."""
+    frames = f"{num_frames} frame{'s' * (num_frames != 1)}"
+    if frames_per_group == 1:
+        return frames
+    groups = math.ceil(num_frames / frames_per_group)  # the processors repeat the last frame to fill a group
+    return f"{frames} in {groups} group{'s' * (groups != 1)}"
+
+
 def settings_line(method: "Method", config: "DyCokeConfig", num_frames: int, max_new_tokens: int,
-                  tokens_per_frame: int) -> str:
-    """The knobs `method` really uses, by their page labels, with a matched drop ratio resolved for this clip."""
+                  tokens_per_frame: int, frames_per_group: int = 1) -> str:
+    """The knobs `method` really uses, by their page labels, with a matched drop ratio resolved for this clip.
+
+    `tokens_per_frame` counts per temporal group of `frames_per_group` video frames (2 on Qwen-VL): budgets are
+    matched over the groups, which are what TTM, DP and the traces call frames."""
     from dycoke.methods import configured_values  # viz formats; methods knows what a method's knobs hold
 
-    resolved = method.resolve(config, num_frames, tokens_per_frame)
+    resolved = method.resolve(config, math.ceil(num_frames / frames_per_group), tokens_per_frame)
     parts = [f"{knob.label} {_knob_value(value)}" for knob, value in configured_values(resolved, config)]
     match = getattr(resolved, "match", None)
     if match is not None:
         parts.append(f"matched to {match}'s budget")
     if not parts:
         parts.append("no compression")
-    return " · ".join(parts + [f"{num_frames} frames", f"≤{max_new_tokens} new tokens"])
+    return " · ".join(parts + [frames_label(num_frames, frames_per_group), f"≤{max_new_tokens} new tokens"])
 
 
 def _mb(value: int | None) -> str:

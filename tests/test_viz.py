@@ -359,3 +359,23 @@ def test_placeholder_is_an_empty_figure_with_its_message():
     fig = placeholder_figure("nothing yet", height=120)
     assert len(fig.data) == 0 and fig.layout.height == 120
     assert [a.text for a in fig.layout.annotations] == ["nothing yet"]
+
+
+def test_settings_line_counts_qwens_temporal_groups():
+    """On Qwen-VL 8 frames are 4 groups of 2: the header says so, and a matched drop ratio is resolved over the
+    groups (what TTM and DP count), not over the frames."""
+    from dycoke.config import DyCokeConfig
+    from dycoke.methods import get_method
+    from dycoke.viz import frames_label, settings_line
+
+    assert frames_label(16) == "16 frames"
+    assert frames_label(16, 2) == "16 frames in 8 groups"
+    assert frames_label(15, 2) == "15 frames in 8 groups"  # the last group repeats the last frame
+    assert frames_label(1, 2) == "1 frame in 1 group"
+    # DyCoke with K 0.7, W 8, P 0.7 over 4 groups of 256: group 0 whole, 3 groups keep 76: 484 enter, 145 attended
+    # of 1024, drop ratio 0.858. Over 8 "frames" it would be 788 -> 236 of 2048, 0.885.
+    line = settings_line(get_method("random"), DyCokeConfig(window=8), 8, 16, 256, frames_per_group=2)
+    expected = 1 - math.floor(0.3 * (256 + 3 * math.floor(0.3 * 256))) / (4 * 256)
+    assert f"drop ratio {expected:.2f}" in line and "0.88" not in line
+    assert line.endswith("8 frames in 4 groups · ≤16 new tokens")
+    assert settings_line(get_method("random"), DyCokeConfig(), 8, 16, 196).endswith(" · 8 frames · ≤16 new tokens")
