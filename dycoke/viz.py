@@ -223,13 +223,23 @@ NARROW_PAGE_PX = 900  # below this the page stacks its columns: a plot spans the
 MIN_THUMB_PX = 96  # a frame's label ("12.5 s · 58/196") must fit above its thumbnail
 
 
-def _shade_dropped(thumbnail: np.ndarray, keep_row: np.ndarray, patch_grid: int) -> np.ndarray:
+def token_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) of a frame's `tokens` visual tokens: frames at the model's size have the grid's aspect ratio
+    (Qwen-VL resizes to whole tokens, e.g. 168x308 -> 6x11); a grid that does not fit is taken as square (14x14)."""
+    rows = round(math.sqrt(tokens * height / width))
+    if rows and tokens % rows == 0:
+        return rows, tokens // rows
+    side = math.isqrt(tokens)
+    return side, side
+
+
+def _shade_dropped(thumbnail: np.ndarray, keep_row: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     height, width = thumbnail.shape[:2]
-    row_edges = np.linspace(0, height, patch_grid + 1).round().astype(int)
-    col_edges = np.linspace(0, width, patch_grid + 1).round().astype(int)
+    row_edges = np.linspace(0, height, grid[0] + 1).round().astype(int)
+    col_edges = np.linspace(0, width, grid[1] + 1).round().astype(int)
     dropped = np.zeros((height, width), dtype=bool)
     for index in np.flatnonzero(keep_row == 0):
-        r, c = divmod(int(index), patch_grid)
+        r, c = divmod(int(index), grid[1])
         dropped[row_edges[r]:row_edges[r + 1], col_edges[c]:col_edges[c + 1]] = True
     shaded = thumbnail.astype(np.float32)
     shaded[dropped] = shaded[dropped] * 0.35 + np.array([70.0, 0.0, 0.0])
@@ -247,19 +257,22 @@ def ttm_frames_figure(
     keep_mask: list[list[int]] | np.ndarray,
     timestamps: list[float],
     kept_per_frame: list[int],
-    patch_grid: int = 14,
+    patch_grid: int | tuple[int, int] = 14,
     max_cols: int = 8,
     thumb: int = 160,
     dark: bool = False,
     font_size: int = 11,
 ) -> go.Figure:
     """Grid of frame thumbnails with the patches TTM dropped darkened and tinted red, as one composite image;
-    each thumbnail's time and kept count in a strip above it."""
+    each thumbnail's time and kept count in a strip above it. `patch_grid` is the tokens' grid per frame: a side,
+    or (rows, columns)."""
     frames = np.asarray(frames)
     keep_mask = np.asarray(keep_mask)
     num_frames, frame_h, frame_w = frames.shape[:3]
-    if keep_mask.shape != (num_frames, patch_grid * patch_grid):
-        raise ValueError(f"keep_mask must be {num_frames}×{patch_grid * patch_grid}, got {keep_mask.shape}")
+    grid = (patch_grid, patch_grid) if isinstance(patch_grid, int) else tuple(patch_grid)
+    tokens = grid[0] * grid[1]
+    if keep_mask.shape != (num_frames, tokens):
+        raise ValueError(f"keep_mask must be {num_frames}×{tokens}, got {keep_mask.shape}")
     thumb_w, thumb_h = thumb, max(1, round(thumb * frame_h / frame_w))
     cols = min(num_frames, max_cols)
     rows = math.ceil(num_frames / cols)
@@ -271,10 +284,10 @@ def ttm_frames_figure(
         r, c = divmod(f, cols)
         left, top = GAP_PX + c * cell_w, GAP_PX + r * cell_h
         small = np.asarray(Image.fromarray(frames[f]).resize((thumb_w, thumb_h), Image.BILINEAR))
-        composite.paste(Image.fromarray(_shade_dropped(small, keep_mask[f], patch_grid)), (left, top + TITLE_STRIP_PX))
+        composite.paste(Image.fromarray(_shade_dropped(small, keep_mask[f], grid)), (left, top + TITLE_STRIP_PX))
         annotations.append({
             "x": left + thumb_w / 2, "y": top + TITLE_STRIP_PX / 2, "xref": "x", "yref": "y", "showarrow": False,
-            "text": f"{float(timestamps[f]):.1f} s · {int(kept_per_frame[f])}/{patch_grid * patch_grid}",
+            "text": f"{float(timestamps[f]):.1f} s · {int(kept_per_frame[f])}/{tokens}",
             "font": {"size": font_size},
         })
 
@@ -298,13 +311,21 @@ def plot_width(page_width: int | None) -> int:
 def ttm_view(frames: np.ndarray, timestamps: list[float], method: str, trace: dict, metrics: dict,
              page_width: int | None = None, dark: bool = False) -> go.Figure:
     """The TTM frame view sized for the page: as many columns as fit thumbnails of at least MIN_THUMB_PX, the
-    composite as wide as the plot (so that plotly draws it at full size, with no empty bands), and a title."""
+    composite as wide as the plot (so that plotly draws it at full size, with no empty bands), and a title.
+
+    On a model that merges frames into temporal groups (Qwen-VL: the trace counts groups), each group is drawn
+    by its first frame, at the group's time."""
+    groups = trace["frames"]
+    if groups != len(frames):
+        frames = np.asarray(frames)[::math.ceil(len(frames) / groups)]
+        timestamps = trace["frame_times_s"]
+    grid = token_grid(trace["tokens_per_frame"], *np.asarray(frames).shape[1:3])
     width = plot_width(page_width)
     num_frames = len(frames)
     cols = max(1, min(num_frames, 8, (width - GAP_PX) // (MIN_THUMB_PX + GAP_PX)))
     thumb = (width - GAP_PX) // cols - GAP_PX
     fig = ttm_frames_figure(frames, trace["ttm_keep_mask"], list(timestamps), trace["ttm_kept_per_frame"],
-                            max_cols=cols, thumb=thumb, dark=dark, font_size=10 if thumb < 130 else 11)
+                            patch_grid=grid, max_cols=cols, thumb=thumb, dark=dark, font_size=10 if thumb < 130 else 11)
     kept, total = metrics["visual_tokens_after_ttm"], metrics["visual_tokens_in"]
     fig.update_layout(title={"text": f"{method}: {kept:,} of {total:,} visual tokens enter the language model "
                                      f"({100 * kept / total:.0f}%)", "font": {"size": 13},

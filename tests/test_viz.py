@@ -12,8 +12,9 @@ from PIL import Image
 import json
 
 from dycoke.viz import (
-    bench_figure, gain, gauges_figure, headline, live_step_heatmap, partial_trace, placeholder_figure, plot_width,
-    step_bins, step_heatmap, step_heatmap_title, ttm_frames_figure, ttm_view,
+    GAP_PX, TITLE_STRIP_PX, bench_figure, gain, gauges_figure, headline, live_step_heatmap, partial_trace,
+    placeholder_figure, plot_width, step_bins, step_heatmap, step_heatmap_title, token_grid, ttm_frames_figure,
+    ttm_view,
 )
 
 N = 196
@@ -191,7 +192,7 @@ def test_ttm_frames_shades_dropped_patches():
 @pytest.mark.parametrize("page_width, columns", [(390, 3), (1280, 8), (None, 8)])
 def test_ttm_view_fits_its_thumbnails_to_the_page(page_width, columns):
     frames = np.full((16, 60, 80, 3), 100, dtype=np.uint8)
-    trace = {"ttm_keep_mask": [[1] * N] * 16, "ttm_kept_per_frame": [N] * 16}
+    trace = {"frames": 16, "tokens_per_frame": N, "ttm_keep_mask": [[1] * N] * 16, "ttm_kept_per_frame": [N] * 16}
     metrics = {"visual_tokens_after_ttm": 16 * N, "visual_tokens_in": 16 * N}
     fig = ttm_view(frames, [i / 2 for i in range(16)], "dycoke", trace, metrics, page_width=page_width, dark=True)
     composite = decode_composite(fig)
@@ -200,6 +201,35 @@ def test_ttm_view_fits_its_thumbnails_to_the_page(page_width, columns):
     assert len({round(a.y) for a in fig.layout.annotations}) == math.ceil(16 / columns)
     assert tuple(composite[0, 0]) == (17, 24, 39)  # the dark page's background
     assert "3,136 of 3,136" in fig.layout.title.text
+
+
+def test_ttm_view_draws_qwens_temporal_groups_on_their_token_grid():
+    """8 frames of 168x308 on Qwen2.5-VL are 4 groups of 6x11 tokens: one thumbnail per group (its first frame), at
+    the group's time, with the dropped tokens' cells shaded on that grid."""
+    frames = np.full((8, 168, 308, 3), 200, dtype=np.uint8)
+    frames[1::2] = 0  # the second frame of each group is black: a thumbnail of it would show
+    tokens = 6 * 11
+    mask = [[1] * tokens for _ in range(4)]
+    mask[1][tokens - 1] = 0  # group 1 drops its bottom-right token
+    trace = {"frames": 4, "tokens_per_frame": tokens, "frame_times_s": [0.25, 0.75, 1.25, 1.75],
+             "ttm_keep_mask": mask, "ttm_kept_per_frame": [tokens, tokens - 1, tokens, tokens]}
+    metrics = {"visual_tokens_after_ttm": 4 * tokens - 1, "visual_tokens_in": 4 * tokens}
+    fig = ttm_view(frames, [i / 4 for i in range(8)], "dycoke", trace, metrics, page_width=1280)
+    assert [a.text for a in fig.layout.annotations] == ["0.2 s · 66/66", "0.8 s · 65/66", "1.2 s · 66/66",
+                                                        "1.8 s · 66/66"]
+    composite = decode_composite(fig)
+    thumb = (plot_width(1280) - GAP_PX) // 4 - GAP_PX  # four columns fill the plot
+    height = round(thumb * 168 / 308)
+    top = GAP_PX + TITLE_STRIP_PX
+    inside_last_cell = (top + height - height // 12, thumb - thumb // 22)  # centre of the 6x11 grid's last cell
+    for group in range(4):
+        left = GAP_PX + group * (thumb + GAP_PX)
+        centre = tuple(composite[top + height // 2, left + thumb // 2])
+        corner = tuple(composite[inside_last_cell[0], left + inside_last_cell[1]])
+        assert centre == (200, 200, 200)  # the group's first frame, not its black second one
+        assert corner == ((140, 70, 70) if group == 1 else (200, 200, 200))  # 200·0.35 + (70, 0, 0)
+    assert token_grid(tokens, 168, 308) == (6, 11) and token_grid(196, 384, 384) == (14, 14)
+    assert token_grid(196, 60, 80) == (14, 14)  # a grid that does not fit the aspect ratio: square
 
 
 def test_ttm_frames_rejects_wrong_mask_shape():
