@@ -58,7 +58,7 @@ def run_turns(pipeline, settings: TurnSettings, log: Callable[[str], None] = lam
     load_before = load_average()
     rows = []
     for frames in settings.frames:
-        clip = synthetic_clip(frames)
+        clip = synthetic_clip(frames, loaded.image_size)  # the model's own square frame size, as in run_bench
         turns: dict[tuple[str, bool], list[list[dict]]] = {}
         for repeat in range(settings.warmup + settings.repeats):
             shift = repeat % len(settings.methods)
