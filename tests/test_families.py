@@ -97,9 +97,8 @@ def test_kept_tokens_keep_their_full_layout_positions(qwen, clip):
     assert torch.equal(positions[:, 0, -(ids.numel() - after_video):], full[:, 0, after_video:])
 
 
-def test_decode_positions_continue_as_without_compression(qwen, clip):
-    """Every decoded token gets the position the model's own path gives it, TTM and DP on or off."""
-    model = qwen.loaded.model
+def decoded_positions(model, work) -> list[torch.Tensor]:
+    """The 3-D position of each decoded token while `work()` runs."""
     seen: list[torch.Tensor] = []
 
     def record(module, args, kwargs):
@@ -108,11 +107,17 @@ def test_decode_positions_continue_as_without_compression(qwen, clip):
 
     handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        own_generate(qwen, clip)
-        own, seen[:] = list(seen), []
-        run(qwen, clip, merge_ratio=0.7, prune_ratio=0.7)
+        work()
     finally:
         handle.remove()
+    return seen
+
+
+def test_decode_positions_continue_as_without_compression(qwen, clip):
+    """Every decoded token gets the position the model's own path gives it, TTM and DP on or off."""
+    model = qwen.loaded.model
+    own = decoded_positions(model, lambda: own_generate(qwen, clip))
+    seen = decoded_positions(model, lambda: run(qwen, clip, merge_ratio=0.7, prune_ratio=0.7))
     assert len(own) == NEW_TOKENS - 1 and all(torch.equal(a, b) for a, b in zip(seen, own))
     geometry = qwen.geometry(clip)
     layout = qwen.loaded.family.layout(model, qwen.loaded.tokenizer, QUESTION, geometry, clip.timestamps, clip.fps)

@@ -9,31 +9,16 @@ import math
 import pytest
 import torch
 
-from conftest import moving_square_clip
 from dycoke.config import DyCokeConfig
 from dycoke.fastv import FastVCache
 from dycoke.methods import configure
-from dycoke.models import load
 from dycoke.pipeline import Pipeline
+from test_families import QUESTION, TOKENS, clip, decoded_positions, qwen  # noqa: F401  (fixtures)
 
-QWEN_PRESETS = ["qwen2.5-vl-tiny", "qwen3-vl-tiny"]
-QUESTION = "What moves in this video?"
 NEW_TOKENS = 4
-SIDE = 224  # 8x8 merged tokens per group on Qwen2.5-VL (patch 14), 7x7 on Qwen3-VL (patch 16)
-TOKENS = {"qwen2.5-vl-tiny": 8 * 8, "qwen3-vl-tiny": 7 * 7}
-GROUPS = 4  # 8 frames, 2 per temporal group
+GROUPS = 4  # 8 frames, 2 per temporal group; TOKENS: 8x8 per group on Qwen2.5-VL (patch 14), 7x7 on Qwen3-VL
 CONFIG = DyCokeConfig(merge_ratio=0.7, window=2, prune_ratio=0.6)
 BEFORE_LLM = ["random", "uniform-frames", "vidcom2"]
-
-
-@pytest.fixture(scope="module", params=QWEN_PRESETS)
-def qwen(request) -> Pipeline:
-    return Pipeline(load(request.param, device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return moving_square_clip(8, size=SIDE)
 
 
 def matched_budget(tokens: int) -> int:
@@ -126,19 +111,9 @@ def test_fastv_rotates_the_kept_tokens_at_their_full_layout_positions(qwen, clip
 @pytest.mark.parametrize("name", BEFORE_LLM + ["fastv"])
 def test_peers_decode_at_the_positions_of_the_uncompressed_prompt(qwen, clip, name):
     """Decoded token i sits at the last prompt position + 1 + i, as on the model's own path, whatever was dropped."""
-    model = qwen.loaded.model
     full, _ = full_layout_positions(qwen, clip)
-    seen: list[torch.Tensor] = []
-
-    def record(module, args, kwargs):
-        if kwargs["inputs_embeds"].shape[1] == 1:
-            seen.append(kwargs["position_ids"][-3:, 0, 0].clone())
-
-    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        qwen.answer(clip, QUESTION, method=peer(name), config=CONFIG, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    finally:
-        handle.remove()
+    seen = decoded_positions(qwen.loaded.model, lambda: qwen.answer(
+        clip, QUESTION, method=peer(name), config=CONFIG, max_new_tokens=NEW_TOKENS, ignore_eos=True))
     last = full[:, -1]
     assert len(seen) == NEW_TOKENS - 1
     assert all(torch.equal(step, last + 1 + i) for i, step in enumerate(seen))
