@@ -1,0 +1,91 @@
+"""Why DyCoke at K = 0.3 fails on the trained `tiny` model: a probe of the visual token count, not of TTM's choice.
+
+    nice -n 10 python scripts/probe_ttm_length.py            # a few minutes on two busy cores
+
+For a `static` test item (16 identical frames) it prints the teacher-forced margin of the right colour word after
+"the square is" (gold logit minus the best other logit; below 0 the answer is wrong), for:
+1. TTM's own mask at several K, with the pipeline's contiguous positions and with the positions the kept tokens have
+   in the uncompressed layout (holes where tokens were dropped);
+2. masks that are not TTM's at all: anchors whole and every other frame a prefix of n tokens, for n around 137.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dycoke.config import DyCokeConfig  # noqa: E402
+from dycoke.eval import item_clip  # noqa: E402
+from dycoke.methods import Method  # noqa: E402
+from dycoke.models import load  # noqa: E402
+from dycoke.pipeline import Pipeline  # noqa: E402
+from dycoke.ttm import temporal_keep_mask  # noqa: E402
+from dycoke.videoqa import make_item  # noqa: E402
+
+
+class FixedMask(Method):
+    """Keeps what `choose(frame_tokens)` says: a bool [T, N] mask."""
+
+    name = "fixed-mask"
+    summary = "a given keep mask"
+
+    def __init__(self, choose) -> None:
+        self.choose = choose
+
+    def keep_mask(self, frame_features: torch.Tensor, config: DyCokeConfig) -> torch.Tensor:
+        return self.choose(frame_features)
+
+
+def prefixes(per_frame: int, window: int = 4):
+    """Anchors whole, every other frame its first `per_frame` positions."""
+    def choose(features: torch.Tensor) -> torch.Tensor:
+        frames, tokens, _ = features.shape
+        mask = torch.zeros(frames, tokens, dtype=torch.bool)
+        mask[:, :per_frame] = True
+        mask[torch.arange(frames) % window == 0] = True
+        return mask
+    return choose
+
+
+def margin(pipeline: Pipeline, item, method: Method, positions: str = "compact") -> tuple[str, float, int]:
+    """(top word, gold margin, visual tokens) after the teacher-forced "the square is"."""
+    model, tokenizer = pipeline.loaded.model, pipeline.loaded.tokenizer
+    before, after = pipeline.loaded.family.prompt_ids(tokenizer, item.question)
+    with torch.inference_mode():
+        prepared = pipeline.prepare(item_clip(item), (before, after), method, DyCokeConfig())
+        forced = tokenizer(item.response.rsplit(" ", 1)[0], add_special_tokens=False).input_ids
+        embeds = torch.cat([prepared.embeds, model.get_input_embeddings()(torch.tensor([forced]))], dim=1)
+        mask = prepared.keep_mask.flatten()
+        length, visual, start = embeds.shape[1], int(mask.sum()), len(before)
+        if positions == "compact":  # what the pipeline feeds (DESIGN.md 2.1: one contiguous run)
+            position_ids = torch.arange(length)
+        else:  # each kept token where it sits in the uncompressed prompt
+            tail = start + mask.numel()
+            position_ids = torch.cat([torch.arange(start), start + mask.nonzero()[:, 0],
+                                      torch.arange(tail, tail + length - start - visual)])
+        logits = model(inputs_embeds=embeds, position_ids=position_ids[None]).logits[0, -1]
+    gold = tokenizer(item.answer, add_special_tokens=False).input_ids[0]
+    others = logits.clone()
+    others[gold] = -torch.inf
+    return tokenizer.decode([int(logits.argmax())]), round(float(logits[gold] - others.max()), 2), visual
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    pipeline = Pipeline(load("tiny"))
+    item = make_item("test", "static", 0, 16)
+    print(f"{item.id}: {item.question} -> {item.answer}")
+    for ratio in (0.25, 0.3, 0.35, 0.5):
+        ttm = FixedMask(lambda features, k=ratio: temporal_keep_mask(features, k, 4))
+        for positions in ("compact", "original"):
+            print(f"TTM K={ratio} {positions:8s} positions:", margin(pipeline, item, ttm, positions), flush=True)
+    for per_frame in (135, 136, 137, 138, 139):
+        print(f"prefixes of {per_frame}:", margin(pipeline, item, FixedMask(prefixes(per_frame))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
