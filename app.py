@@ -674,7 +674,8 @@ class DyCokeApp:
                     updates[f"{role}_chat"] = history + [{"role": "assistant", "content": answer}]
                 if steps and now - last_plot >= HEATMAP_INTERVAL_S:
                     last_plot = now
-                    trace = viz.partial_trace(*self.pipeline.frame_times_and_tokens(clip), steps)
+                    trace = viz.partial_trace(*self.pipeline.frame_times_and_tokens(clip), steps,
+                                              frames_per_group=self.pipeline.loaded.frames_per_group)
                     updates[f"{role}_heatmap"] = viz.live_step_heatmap(
                         trace, f"{method.name} · step {len(steps)} (TTM column once the run ends)", dark=dark)
                 if updates:

@@ -368,7 +368,8 @@ class Pipeline:
         }
         frame_times, tokens_per_frame = self.frame_times_and_tokens(clip)
         trace = {
-            "frames": len(frame_times),
+            "frames": len(frame_times),  # rows of the trace: temporal groups on Qwen-VL
+            "frames_per_group": self.loaded.frames_per_group,
             "tokens_per_frame": tokens_per_frame,
             "frame_times_s": [round(t, 4) for t in frame_times],
             "ttm_kept_per_frame": prepared.ttm_kept_per_frame,

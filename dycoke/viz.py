@@ -93,6 +93,14 @@ def _step_ticks(labels: list, most: int) -> list:
     return labels[spacing - 1::spacing]
 
 
+def _row_name(row: int, frames_per_group: int) -> str:
+    """A heatmap row: one frame, or on Qwen-VL one temporal group of video frames (numbered from 0)."""
+    if frames_per_group == 1:
+        return f"frame {row}"
+    first = row * frames_per_group
+    return f"frames {first}–{first + frames_per_group - 1}"
+
+
 def _step_heatmap_spec(trace: dict, title: str, height: int = HEATMAP_HEIGHT, dark: bool = False) -> dict:
     """The heatmap as a plain {"data", "layout"} dict; `step_heatmap` and `live_step_heatmap` wrap it.
 
@@ -108,7 +116,8 @@ def _step_heatmap_spec(trace: dict, title: str, height: int = HEATMAP_HEIGHT, da
     kept = np.array([step["kept_per_frame"] for step in steps], dtype=float).reshape(len(steps), num_frames)
     reselected = np.array([bool(step.get("reselected")) for step in steps], dtype=int)
 
-    frame_labels = [f"frame {f} · {_seconds_label(frame_times[f])}" for f in range(num_frames)]
+    frame_labels = [f"{_row_name(f, trace.get('frames_per_group', 1))} · {_seconds_label(frame_times[f])}"
+                    for f in range(num_frames)]
     column_labels = ["TTM"] + [_column_label(b) for b in bins]
     ttm = trace["ttm_kept_per_frame"]
     z = [[None if ttm[f] is None else int(ttm[f])] + [_compact(kept[b, f].mean()) for b in bins]
@@ -177,6 +186,7 @@ def partial_trace(
     tokens_per_frame: int,
     steps: list[dict],
     ttm_kept_per_frame: list[int] | None = None,
+    frames_per_group: int = 1,
 ) -> dict:
     """A trace in the CLI contract's layout from what a stream has delivered so far, for `step_heatmap`.
 
@@ -189,6 +199,7 @@ def partial_trace(
             raise ValueError(f"step {index + 1} has {len(step['kept_per_frame'])} frames, expected {frames}")
     return {
         "frames": frames,
+        "frames_per_group": int(frames_per_group),
         "tokens_per_frame": int(tokens_per_frame),
         "frame_times_s": [float(t) for t in frame_times_s],
         "ttm_kept_per_frame": [None] * frames if ttm_kept_per_frame is None else [int(k) for k in ttm_kept_per_frame],

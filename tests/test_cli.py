@@ -41,9 +41,9 @@ def test_json_follows_the_contract(bunny_json):
     assert metrics["peak_memory_bytes"] is None
     assert all(isinstance(metrics[k], (int, float)) for k in METRIC_KEYS - {"peak_memory_bytes"})
     trace = bunny_json["trace"]
-    assert set(trace) == {"frames", "tokens_per_frame", "frame_times_s", "ttm_kept_per_frame", "ttm_keep_mask",
-                          "steps"}
-    assert (trace["frames"], trace["tokens_per_frame"]) == (32, 196)
+    assert set(trace) == {"frames", "frames_per_group", "tokens_per_frame", "frame_times_s", "ttm_kept_per_frame",
+                          "ttm_keep_mask", "steps"}
+    assert (trace["frames"], trace["frames_per_group"], trace["tokens_per_frame"]) == (32, 1, 196)
     assert len(trace["ttm_keep_mask"]) == 32 and all(len(row) == 196 for row in trace["ttm_keep_mask"])
     assert [sum(row) for row in trace["ttm_keep_mask"]] == trace["ttm_kept_per_frame"]
     assert len(trace["steps"]) == metrics["new_tokens"] - 1

@@ -62,6 +62,7 @@ def test_dycoke_off_equals_the_models_own_generate(qwen, clip):
 def test_geometry_is_temporal_groups_of_merged_patches(qwen, clip):
     result = run(qwen, clip, "baseline")
     assert (result.trace["frames"], result.trace["tokens_per_frame"]) == (4, TOKENS[qwen.loaded.name])
+    assert result.trace["frames_per_group"] == 2  # 8 video frames in the 4 rows
     times = clip.timestamps
     assert result.trace["frame_times_s"] == [round((times[i] + times[i + 1]) / 2, 4) for i in range(0, 8, 2)]
 

@@ -232,6 +232,16 @@ def test_ttm_view_draws_qwens_temporal_groups_on_their_token_grid():
     assert token_grid(196, 60, 80) == (14, 14)  # a grid that does not fit the aspect ratio: square
 
 
+def test_heatmap_rows_name_qwens_groups_by_their_video_frames():
+    trace = {"frames": 3, "frames_per_group": 2, "tokens_per_frame": 4, "frame_times_s": [0.25, 0.75, 1.25],
+             "ttm_kept_per_frame": [4, 2, 3], "ttm_keep_mask": [[1] * 4, [1, 1, 0, 0], [1, 1, 1, 0]],
+             "steps": [{"kept_per_frame": [4, 1, 2], "reselected": True}]}
+    rows = list(step_heatmap(trace).data[0].y)
+    assert [row.split(" · ")[0] for row in rows] == ["frames 0–1", "frames 2–3", "frames 4–5"]
+    plain = {**trace, "frames_per_group": 1}
+    assert [row.split(" · ")[0] for row in step_heatmap(plain).data[0].y] == ["frame 0", "frame 1", "frame 2"]
+
+
 def test_ttm_frames_rejects_wrong_mask_shape():
     with pytest.raises(ValueError):
         ttm_frames_figure(np.zeros((2, 32, 32, 3), np.uint8), [[1] * N], [0.0, 1.0], [196, 196])
@@ -358,9 +368,10 @@ def test_partial_trace_has_the_contract_layout_and_a_pending_ttm_column():
     steps = [{"kept_per_frame": [59, 17], "reselected": True}, {"kept_per_frame": [40, 36], "reselected": False}]
     trace = partial_trace([0.0, 1.5], N, steps)
     assert trace == {
-        "frames": 2, "tokens_per_frame": N, "frame_times_s": [0.0, 1.5], "ttm_kept_per_frame": [None, None],
-        "steps": steps,
+        "frames": 2, "frames_per_group": 1, "tokens_per_frame": N, "frame_times_s": [0.0, 1.5],
+        "ttm_kept_per_frame": [None, None], "steps": steps,
     }
+    assert partial_trace([0.0, 1.5], N, steps, frames_per_group=2)["frames_per_group"] == 2
     assert partial_trace([0.0, 1.5], N, steps, ttm_kept_per_frame=[196, 58])["ttm_kept_per_frame"] == [196, 58]
     with pytest.raises(ValueError, match="step 1 has 3 frames, expected 2"):
         partial_trace([0.0, 1.5], N, [{"kept_per_frame": [1, 2, 3], "reselected": False}])
