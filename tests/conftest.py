@@ -128,9 +128,6 @@ KNOWN_FAILURES = {
     "tests/test_browser.py::test_a_full_run_reads_well_at_each_size_and_theme":
         "issue 14: flaky, passed in all four variants once, then [light-phone] saw 'New conversation: the panes were "
         "cleared.' where it waited for the upload's status line (a race between the upload check and Clear)",
-    "tests/test_load.py::test_eight_users_forty_requests_no_cross_talk":
-        "issue 14: answers match (no cross-talk), but the download-this-run JSON files land in a temp dir "
-        "outside gradio's upload folder, one per run",
 }
 # These hung (a page condition never came) rather than failed, so they are not run until mended.
 NOT_RUN: dict[str, str] = {}
