@@ -77,11 +77,11 @@ def fit_title(text: str, width_px: int | None, font_px: int = TITLE_FONT_PX) -> 
 
 
 def title_layout(text: str, width_px: int | None, top_px: int) -> tuple[dict, int]:
-    """A left-aligned title wrapped to `width_px`, hung from the figure's top, and the top margin it needs
-    (`top_px` for one line, one TITLE_LINE_PX more per further line)."""
+    """A left-aligned title wrapped to `width_px`, and the top margin it needs (`top_px` for one line, one
+    TITLE_LINE_PX more per further line). Plotly centres it in that margin; anchored to the top instead
+    (yanchor "top"), plotly.js draws a title of several lines one line too high, its first line cut off."""
     lines = fit_title(text, width_px)
-    title = {"text": "<br>".join(lines), "font": {"size": TITLE_FONT_PX}, "x": 0, "xanchor": "left",
-             "y": 1, "yref": "container", "yanchor": "top", "pad": {"t": 6}}
+    title = {"text": "<br>".join(lines), "font": {"size": TITLE_FONT_PX}, "x": 0, "xanchor": "left"}
     return title, top_px + TITLE_LINE_PX * (len(lines) - 1)
 
 
