@@ -124,7 +124,11 @@ def run_in_threads(calls: list, timeout: float = 120.0) -> list:
 # app rewrite, conversations, the trained `tiny` as the default) met for the first time and the 2-core machine had
 # no time left to mend them. Each is listed in the closing notes of issues 11, 14 and 10; remove an entry when the
 # test passes again. strict=False: a test that passes again is reported as XPASS, not an error.
-KNOWN_FAILURES: dict[str, str] = {}
+KNOWN_FAILURES: dict[str, str] = {
+    "tests/test_load.py::test_eight_users_forty_requests_no_cross_talk":
+        "issue 14: the run files now live in gradio's cache, one per page (test_app checks it), but on the loaded "
+        "2-core machine the burst overran its 300 s guard (34 of 40 done, 0 failed) before the check was reached",
+}
 # These hung (a page condition never came) rather than failed, so they are not run until mended.
 NOT_RUN: dict[str, str] = {}
 
