@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import shutil
 import threading
 import time
 import traceback
@@ -66,6 +66,7 @@ MAX_FILE_SIZE = "200mb"
 # a follow-up about a removed upload is asked to upload it again).
 DELETE_CACHE = (3600, 7200)
 ZERO_GPU_DURATION_S = 120
+DOWNLOADS_DIR = "dycoke-runs"  # in gradio's cache: one folder per page, holding its latest run's JSON
 CLIP_CACHE_ITEMS = 6
 CLIP_CACHE_BYTES = 1_500_000_000
 NO_COMPARISON = "none"
@@ -84,6 +85,11 @@ CSS = """
 .dark #model-banner.random-weights { background: #3b2a12; border-color: #b07020; color: #ffe0b8; }
 .dark #model-banner.random-weights * { color: #ffe0b8; }
 #model-banner p { margin: 2px 0; }
+/* The panes side by side share their rows (header, chat, stats, heatmap), so that each row starts at the same
+   height in both: a grid of panes, each pane a subgrid of the four rows. A hidden pane leaves no empty track. */
+#panes { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(300px, 100%), 1fr));
+  gap: var(--layout-gap); }
+#panes > .pane { display: grid; grid-template-rows: subgrid; grid-row: span 4; min-width: 0; }
 .pane-header { min-height: 5.2em; }
 .pane-header p { margin: 2px 0; }
 .pane-stats { min-height: 3.2em; font-size: 0.9em; }
@@ -364,9 +370,15 @@ class DyCokeApp:
         self._stops: dict[str, threading.Event] = {}  # per browser session: Stop sets it, the running Send reads it
         self._stops_lock = threading.Lock()
         self.conversations = PageConversations()
-        self.downloads = Path(tempfile.mkdtemp(prefix="dycoke-runs-"))
+        self.serve_from(Path(gr.utils.get_upload_folder()))
+
+    def serve_from(self, cache: Path) -> None:
+        """Take uploads from, and write downloads into, gradio's cache folder `cache` (a Blocks' GRADIO_CACHE).
+        A file there is served as it is, without a copy, and `delete_cache` and the server's shutdown remove it."""
+        cache = cache.resolve()
         # Where a video handed to `ask` may live: gradio's upload folder (uploads, cached examples) and the examples.
-        self.upload_roots: tuple[Path, ...] = (Path(gr.utils.get_upload_folder()).resolve(), EXAMPLES_DIR.resolve())
+        self.upload_roots: tuple[Path, ...] = (cache, EXAMPLES_DIR.resolve())
+        self.downloads = cache / DOWNLOADS_DIR
 
     def is_upload(self, video: str) -> bool:
         """Whether `video` is a file gradio received (or an example). The API's FileData names a `path`; gradio
@@ -389,6 +401,17 @@ class DyCokeApp:
     def _stop_event(self, request: gr.Request | None) -> threading.Event:
         with self._stops_lock:
             return self._stops.setdefault(page_key(request), threading.Event())
+
+    def end_page(self, request: gr.Request = None) -> None:
+        """The page was closed: forget its conversations, its Stop flag and its download."""
+        page = page_key(request)
+        self.conversations.forget(page)
+        with self._stops_lock:
+            self._stops.pop(page, None)
+        shutil.rmtree(self._page_downloads(page), ignore_errors=True)
+
+    def _page_downloads(self, page: str) -> Path:
+        return self.downloads / short_hash(page)  # the session hash is the page's key: never a file name
 
     def stop(self, request: gr.Request = None) -> None:
         """Stop this page's running generation: it ends after the current step, keeping its partial answer, and
@@ -583,7 +606,7 @@ class DyCokeApp:
         # Validation and decoding above run outside the model slot; only the model runs below hold it and the GPU.
         with self.model_slot:
             yield from self._run_on_gpu(clip, question, conversations, regenerate, state, stop, page_width, dark,
-                                        progress, ref)
+                                        progress, page, ref)
 
     def _start_conversations(self, page: str, clip: VideoClip, settings: RunSettings,
                              ignore_eos: bool) -> dict[str, Conversation]:
@@ -600,7 +623,7 @@ class DyCokeApp:
 
     def _model_runs(self, clip: VideoClip, question: str, conversations: dict[str, Conversation], regenerate: bool,
                     state: dict, stop: threading.Event, page_width: int, dark: bool, progress: gr.Progress,
-                    ref: str = "-") -> Iterator[tuple]:
+                    page: str = "-", ref: str = "-") -> Iterator[tuple]:
         """The comparison, then the method, one after the other on the same frames, each streamed and timed."""
         runs = [(role, conversation.method) for role, conversation in conversations.items()]
         results: dict[str, Result] = {}
@@ -615,7 +638,7 @@ class DyCokeApp:
                 yield self._outputs(**{f"{role}_chat": state[role], "state": state})
                 continue
             yield from self._stream_run(clip, question, role, conversations[role], regenerate, history, results,
-                                        dark, report, ref)
+                                        page_width, dark, report, ref)
             result = results[role]
             shown = result.answer if result.answer else "(empty answer: the model ended at once)"
             if result.metrics.get("stopped"):
@@ -627,7 +650,8 @@ class DyCokeApp:
                 f"{role}_stats": viz.stats_line(result.metrics),
                 **({"status": "Stopped: the partial answer is kept."} if result.metrics.get("stopped") else {}),
                 f"{role}_heatmap": viz.step_heatmap(
-                    trace, viz.step_heatmap_title(run_method.name, trace, result.metrics["reselections"]), dark=dark),
+                    trace, viz.step_heatmap_title(run_method.name, trace, result.metrics["reselections"]), dark=dark,
+                    width=viz.pane_width(page_width)),
                 "state": state,
             }
             if role == "method":
@@ -641,12 +665,13 @@ class DyCokeApp:
                                                 comparison and comparison.metrics, dark=dark),
                     "ttm_view": viz.ttm_view(clip.frames, list(clip.timestamps), result.method, trace, result.metrics,
                                              page_width, dark),
-                    "download": gr.update(value=self._run_file(results, ref), visible=True),
+                    "download": gr.update(value=self._run_file(results, page, ref), visible=True),
                 }
             yield self._outputs(**updates)
 
     def _stream_run(self, clip: VideoClip, question: str, role: str, conversation: Conversation, regenerate: bool,
-                    history: list, results: dict, dark: bool, report: Callable, ref: str) -> Iterator[tuple]:
+                    history: list, results: dict, page_width: int, dark: bool, report: Callable,
+                    ref: str) -> Iterator[tuple]:
         """Stream one turn of `conversation` into its pane; its Result (stopped or not) goes into `results`."""
         method = conversation.method
         answer, shown_answer = "", None
@@ -677,7 +702,8 @@ class DyCokeApp:
                     trace = viz.partial_trace(*self.pipeline.frame_times_and_tokens(clip), steps,
                                               frames_per_group=self.pipeline.loaded.frames_per_group)
                     updates[f"{role}_heatmap"] = viz.live_step_heatmap(
-                        trace, f"{method.name} · step {len(steps)} (TTM column once the run ends)", dark=dark)
+                        trace, f"{method.name} · step {len(steps)} (TTM column once the run ends)", dark=dark,
+                        width=viz.pane_width(page_width))
                 if updates:
                     yield self._outputs(**updates)
         except (ConfigError, RequestError, VideoError) as error:  # out of memory is a RequestError too
@@ -693,9 +719,14 @@ class DyCokeApp:
         finally:
             events.close()  # joins the generation thread
 
-    def _run_file(self, results: dict[str, Result], ref: str) -> str:
-        """The run's results as the CLI's JSON contract, {"comparison": ..., "method": ...}, in a file to download."""
-        path = self.downloads / f"dycoke-run-{ref}.json"
+    def _run_file(self, results: dict[str, Result], page: str, ref: str) -> str:
+        """The run's results as the CLI's JSON contract, {"comparison": ..., "method": ...}, in a file to download:
+        the page's only one, so a page holds one file however many runs it makes (the previous run's button was
+        hidden when this run began)."""
+        folder = self._page_downloads(page)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"dycoke-run-{ref}.json"
         path.write_text(json.dumps({role: result.to_dict() for role, result in results.items()}, indent=1))
         return str(path)
 
@@ -736,15 +767,15 @@ def _examples() -> tuple[list[list[str]], list[str]]:
     return rows, [f"{Path(path).stem}: {question}" for path, question in rows]
 
 
-def answer_pane(role: str, header: str, placeholder: str) -> tuple[gr.Column, tuple]:
-    """One answer pane: its header, streaming chat, stats line and per-step heatmap."""
-    with gr.Column(min_width=300) as column:
+def answer_pane(role: str, header: str, placeholder: str, heatmap) -> tuple[gr.Column, tuple]:
+    """One answer pane: its header, streaming chat, stats line and per-step heatmap (`heatmap` until a run)."""
+    with gr.Column(min_width=300, elem_classes=["pane"]) as column:
         components = (
             gr.Markdown(header, elem_classes=["pane-header"], elem_id=f"{role}-header"),
             gr.Chatbot(label=f"{role} answer", height=340, buttons=["copy"], render_markdown=False,
                        elem_id=f"{role}-chat", show_label=False, placeholder=placeholder, autoscroll=True),
             gr.Markdown(elem_classes=["pane-stats"], elem_id=f"{role}-stats"),
-            gr.Plot(show_label=False, elem_id=f"{role}-heatmap"),
+            gr.Plot(heatmap, show_label=False, elem_id=f"{role}-heatmap"),
         )
     return column, components
 
@@ -820,16 +851,17 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
             with gr.Column(scale=3, min_width=320, elem_id="answers"):
                 status = gr.Markdown(elem_id="status-line")
                 error = gr.Markdown(elem_id="error-box")
-                with gr.Row(equal_height=True):
+                initial = placeholders()
+                with gr.Row(elem_id="panes"):
                     comparison_column, (comparison_header, comparison_chat, comparison_stats,
                                         comparison_heatmap) = answer_pane(
                         "comparison", pane_header("Comparison", get_method(default_compare), defaults,
                                                   default_frames, default_tokens, tokens, per_group),
-                        "The comparison's answer streams here.")
+                        "The comparison's answer streams here.", initial["comparison_heatmap"])
                     _, (method_header, method_chat, method_stats, method_heatmap) = answer_pane(
                         "method", pane_header("Method", get_method(default_method), defaults, default_frames,
                                               default_tokens, tokens, per_group),
-                        "The method's answer streams here.")
+                        "The method's answer streams here.", initial["method_heatmap"])
                 gr.Markdown("**Heatmap:** one row per frame (its time on the left), one column per decoding "
                             "step (several once there are more than 120 steps, averaged); colour = share of that "
                             "frame's tokens the new token attended to at the pruned layers (1 = all). The first "
@@ -837,12 +869,12 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
                             "red strip above the grid marks steps where DP picked its tokens again. Hover a cell "
                             "for the exact count.")
                 headline = gr.Markdown(elem_id="headline")
-                gauges = gr.Plot(show_label=False, elem_id="gauges")
+                gauges = gr.Plot(initial["gauges"], show_label=False, elem_id="gauges")
                 download = gr.DownloadButton("Download this run (JSON)", visible=False, size="sm",
                                              elem_id="download")
                 gr.Markdown("**TTM view:** the sampled frames, with the 14×14 patches dropped before the language "
                             "model shaded red, and each frame's kept count.")
-                ttm_view = gr.Plot(show_label=False, elem_id="ttm-view")
+                ttm_view = gr.Plot(initial["ttm_view"], show_label=False, elem_id="ttm-view")
 
         outputs = [question, comparison_header, comparison_chat, comparison_stats, comparison_heatmap,
                    method_header, method_chat, method_stats, method_heatmap, headline, gauges, ttm_view, download,
@@ -886,9 +918,11 @@ def build_app(model: Pipeline | LoadedModel | ModelChoice) -> gr.Blocks:
                     + [min(knob.default, loaded.num_layers - 1) if knob.kind == "layer" else knob.default
                        for knob in all_knobs()],
                     outputs=resettable, api_visibility="undocumented", queue=False)
-        demo.load(handlers.clear, outputs=outputs, api_visibility="undocumented", queue=False)
+        # No load-time handler writes these outputs: their first values are set above, and one answered late
+        # would overwrite what an upload (or a Send) made of them meanwhile.
+        demo.unload(handlers.end_page)
         demo.load(None, outputs=[page_width, dark], js=PAGE_INFO_JS, api_visibility="undocumented")
-    handlers.upload_roots = (Path(demo.GRADIO_CACHE).resolve(), EXAMPLES_DIR.resolve())
+    handlers.serve_from(Path(demo.GRADIO_CACHE))
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=4)
     demo.dycoke = handlers  # for tests: the handlers, their pipeline and clip cache
     return demo

@@ -34,10 +34,55 @@ HEATMAP_HEIGHT = 360
 HEATMAP_MARGIN = {"l": 52, "r": 8, "t": 30, "b": 36}
 STRIP_SHARE = 0.07  # the reselection strip's share of the plot's height, above the grid
 BYTES_PER_MB = 1_000_000
+TITLE_FONT_PX = 13
+# A title line's width per character, in ems: above the mean of sans-serif fonts (Open Sans, DejaVu Sans) on
+# mixed lowercase text and digits, so that an estimate that fits also fits when drawn.
+TITLE_EM_PER_CHAR = 0.6
+TITLE_LINE_PX = 17  # the height a further title line adds at TITLE_FONT_PX
 
 
 def _seconds_label(seconds: float) -> str:
     return f"{seconds:.1f} s"
+
+
+def _wrapped(parts: list[str], joiner: str, most: int) -> list[str]:
+    """`parts` joined by `joiner` into lines of at most `most` characters where they fit (a longer part makes a
+    line of its own, to be wrapped further by the caller)."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + len(joiner) + len(part) <= most:
+            lines[-1] += joiner + part
+        else:
+            lines.append(part)
+    return lines
+
+
+def fit_title(text: str, width_px: int | None, font_px: int = TITLE_FONT_PX) -> list[str]:
+    """`text` as lines that fit `width_px` at `font_px`: broken at its " · " separators, and within a part too
+    long for a line at spaces; when that takes more lines than breaking at any space, at any space. One line when
+    `width_px` is None (no known width) or when it fits."""
+    if not width_px:
+        return [text]
+    most = max(8, int(width_px / (font_px * TITLE_EM_PER_CHAR)))
+    at_separators = [line for part in _wrapped(text.split(" · "), " · ", most)
+                     for line in _wrapped(part.split(" "), " ", most)]
+    words: list[str] = []
+    for word in text.split(" "):  # a separator stays at the end of its line, never starts one
+        if word == "·" and words:
+            words[-1] += " ·"
+        else:
+            words.append(word)
+    at_spaces = _wrapped(words, " ", most)
+    return at_separators if len(at_separators) <= len(at_spaces) else [line.removesuffix(" ·") for line in at_spaces]
+
+
+def title_layout(text: str, width_px: int | None, top_px: int) -> tuple[dict, int]:
+    """A left-aligned title wrapped to `width_px`, and the top margin it needs (`top_px` for one line, one
+    TITLE_LINE_PX more per further line). Plotly centres it in that margin; anchored to the top instead
+    (yanchor "top"), plotly.js draws a title of several lines one line too high, its first line cut off."""
+    lines = fit_title(text, width_px)
+    title = {"text": "<br>".join(lines), "font": {"size": TITLE_FONT_PX}, "x": 0, "xanchor": "left"}
+    return title, top_px + TITLE_LINE_PX * (len(lines) - 1)
 
 
 # --- themes -------------------------------------------------------------------------------------------
@@ -101,8 +146,10 @@ def _row_name(row: int, frames_per_group: int) -> str:
     return f"frames {first}–{first + frames_per_group - 1}"
 
 
-def _step_heatmap_spec(trace: dict, title: str, height: int = HEATMAP_HEIGHT, dark: bool = False) -> dict:
-    """The heatmap as a plain {"data", "layout"} dict; `step_heatmap` and `live_step_heatmap` wrap it.
+def _step_heatmap_spec(trace: dict, title: str, height: int = HEATMAP_HEIGHT, dark: bool = False,
+                       width: int | None = None) -> dict:
+    """The heatmap as a plain {"data", "layout"} dict; `step_heatmap` and `live_step_heatmap` wrap it. The title
+    is wrapped to fit `width` px (the plot's width, when known).
 
     Cells hold kept token counts (0..N, colour scale fixed): exact integers while a column is one step, the mean
     over the column's steps once they are binned. A column of None (the TTM column while streaming) is blank.
@@ -137,13 +184,13 @@ def _step_heatmap_spec(trace: dict, title: str, height: int = HEATMAP_HEIGHT, da
         "colorscale": RESELECTION_SCALE, "showscale": False, "xgap": 0, "yaxis": "y2", "name": "reselected",
         "hovertemplate": "%{x}<br>%{z} reselection(s) of DP's tokens<extra></extra>",
     }
-    plot_px = height - HEATMAP_MARGIN["t"] - HEATMAP_MARGIN["b"]
+    title_spec, top = title_layout(title, width, HEATMAP_MARGIN["t"]) if title else ({"text": ""}, 10)
+    plot_px = height - top - HEATMAP_MARGIN["b"]
     frame_ticks = _thinned(list(range(num_frames)), int(plot_px * (1 - STRIP_SHARE) // FRAME_TICK_PX))
     step_ticks = ["TTM"] + _step_ticks(column_labels[1:], MAX_STEP_TICKS - 1)
     theme = theme_layout(dark)
     layout = {
-        "title": {"text": title, "x": 0, "xanchor": "left", "font": {"size": 13}}, "uirevision": HEATMAP_UIREVISION,
-        "height": height, "margin": dict(HEATMAP_MARGIN, t=HEATMAP_MARGIN["t"] if title else 10),
+        "title": title_spec, "uirevision": HEATMAP_UIREVISION, "height": height, "margin": dict(HEATMAP_MARGIN, t=top),
         "paper_bgcolor": theme["paper_bgcolor"], "plot_bgcolor": theme["plot_bgcolor"], "font": theme["font"],
         # No grid: the cells cover it, and over an empty reselection strip it drew white lines in dark mode.
         "xaxis": {"type": "category", "showgrid": False, "tickvals": step_ticks,
@@ -159,19 +206,21 @@ def _step_heatmap_spec(trace: dict, title: str, height: int = HEATMAP_HEIGHT, da
     return {"data": [grid, strip], "layout": layout}
 
 
-def step_heatmap(trace: dict, title: str = "", height: int = HEATMAP_HEIGHT, dark: bool = False) -> go.Figure:
+def step_heatmap(trace: dict, title: str = "", height: int = HEATMAP_HEIGHT, dark: bool = False,
+                 width: int | None = None) -> go.Figure:
     """Frames (rows, frame 0 on top) × [TTM, steps] (columns), cell = tokens of the frame kept; a thin strip above
-    the grid marks the steps where DP selected its tokens again."""
-    return go.Figure(_step_heatmap_spec(trace, title, height, dark))
+    the grid marks the steps where DP selected its tokens again. The title wraps to fit `width` px."""
+    return go.Figure(_step_heatmap_spec(trace, title, height, dark, width))
 
 
-def live_step_heatmap(trace: dict, title: str = "", height: int = HEATMAP_HEIGHT, dark: bool = False) -> go.Figure:
+def live_step_heatmap(trace: dict, title: str = "", height: int = HEATMAP_HEIGHT, dark: bool = False,
+                      width: int | None = None) -> go.Figure:
     """`step_heatmap` without plotly's property validation, for updates while a request is still generating.
 
     The same figure, built several times faster: validation competes for the GIL with the generation thread
     whose speed the app reports. The unit tests check that it equals the validated figure.
     """
-    return go.Figure(_step_heatmap_spec(trace, title, height, dark), _validate=False)
+    return go.Figure(_step_heatmap_spec(trace, title, height, dark, width), _validate=False)
 
 
 def step_heatmap_title(method: str, trace: dict, reselections: int | None = None) -> str:
@@ -231,6 +280,8 @@ GAP_PX = 4
 BACKGROUND_RGB = {False: (255, 255, 255), True: (17, 24, 39)}  # light, dark
 DESKTOP_PLOT_PX = 880  # the answers column's width in a desktop layout
 NARROW_PAGE_PX = 900  # below this the page stacks its columns: a plot spans the page
+NARROW_PADDING_PX = 64
+PANE_GAP_PX = 16  # between the two answer panes side by side
 MIN_THUMB_PX = 96  # a frame's label ("12.5 s · 58/196") must fit above its thumbnail
 
 
@@ -314,9 +365,16 @@ def plot_width(page_width: int | None) -> int:
     """About how wide a plot in the answers column is drawn on a page `page_width` px wide."""
     if not page_width:
         return DESKTOP_PLOT_PX
-    if page_width < NARROW_PAGE_PX:
-        return max(240, int(page_width) - 40)
+    if page_width < NARROW_PAGE_PX:  # the page's and the column's paddings: 326 px on a 390 px page
+        return max(240, int(page_width) - NARROW_PADDING_PX)
     return min(DESKTOP_PLOT_PX, int(page_width * 0.7))
+
+
+def pane_width(page_width: int | None) -> int:
+    """About how wide a plot in one answer pane is drawn: the answers column's width on a narrow page (the panes
+    stacked), half of it, less the gap, on a wide one (the panes side by side)."""
+    width = plot_width(page_width)
+    return width if page_width and page_width < NARROW_PAGE_PX else (width - PANE_GAP_PX) // 2
 
 
 def ttm_view(frames: np.ndarray, timestamps: list[float], method: str, trace: dict, metrics: dict,
@@ -338,10 +396,9 @@ def ttm_view(frames: np.ndarray, timestamps: list[float], method: str, trace: di
     fig = ttm_frames_figure(frames, trace["ttm_keep_mask"], list(timestamps), trace["ttm_kept_per_frame"],
                             patch_grid=grid, max_cols=cols, thumb=thumb, dark=dark, font_size=10 if thumb < 130 else 11)
     kept, total = metrics["visual_tokens_after_ttm"], metrics["visual_tokens_in"]
-    fig.update_layout(title={"text": f"{method}: {kept:,} of {total:,} visual tokens enter the language model "
-                                     f"({100 * kept / total:.0f}%)", "font": {"size": 13},
-                             "x": 0, "xanchor": "left", "y": 1, "yanchor": "top", "pad": {"t": 6}},
-                      margin={"l": 0, "r": 0, "t": 30, "b": 0}, height=fig.layout.height + 30)
+    title, top = title_layout(f"{method}: {kept:,} of {total:,} visual tokens enter the language model "
+                              f"({100 * kept / total:.0f}%)", width, 30)
+    fig.update_layout(title=title, margin={"l": 0, "r": 0, "t": top, "b": 0}, height=fig.layout.height + top)
     return fig
 
 

@@ -124,13 +124,10 @@ def run_in_threads(calls: list, timeout: float = 120.0) -> list:
 # app rewrite, conversations, the trained `tiny` as the default) met for the first time and the 2-core machine had
 # no time left to mend them. Each is listed in the closing notes of issues 11, 14 and 10; remove an entry when the
 # test passes again. strict=False: a test that passes again is reported as XPASS, not an error.
-KNOWN_FAILURES = {
-    "tests/test_browser.py::test_a_full_run_reads_well_at_each_size_and_theme":
-        "issue 14: flaky, passed in all four variants once, then [light-phone] saw 'New conversation: the panes were "
-        "cleared.' where it waited for the upload's status line (a race between the upload check and Clear)",
+KNOWN_FAILURES: dict[str, str] = {
     "tests/test_load.py::test_eight_users_forty_requests_no_cross_talk":
-        "issue 14: answers match (no cross-talk), but the download-this-run JSON files land in a temp dir "
-        "outside gradio's upload folder, one per run",
+        "issue 14: the run files now live in gradio's cache, one per page (test_app checks it), but on the loaded "
+        "2-core machine the burst overran its 300 s guard (34 of 40 done, 0 failed) before the check was reached",
 }
 # These hung (a page condition never came) rather than failed, so they are not run until mended.
 NOT_RUN: dict[str, str] = {}

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,7 +124,7 @@ def heatmap_z(value) -> np.ndarray:
 # --- the main flow -----------------------------------------------------------------------------------------
 
 
-def test_answers_stream_then_follow_up_reuses_the_decoded_frames(client, street, decode_calls):
+def test_answers_stream_then_follow_up_reuses_the_decoded_frames(served, client, street, decode_calls):
     outputs = ask(client, street, "What happens in this video?")
     final = latest(outputs)
 
@@ -168,6 +169,8 @@ def test_answers_stream_then_follow_up_reuses_the_decoded_frames(client, street,
     download = final["download"]
     path = download["value"]["path"] if isinstance(download.get("value"), dict) else download["value"]
     run = json.loads(Path(path).read_text())
+    # Written into gradio's cache, where it is served as it is and `delete_cache` removes it.
+    assert Path(path).resolve().is_relative_to(Path(served[0].GRADIO_CACHE).resolve())
     assert set(run) == {"comparison", "method"}
     assert run["method"]["answer"] == method_answer and run["comparison"]["method"] == "baseline"
     assert set(run["method"]) == {"answer", "model", "method", "config", "metrics", "trace"}
@@ -347,6 +350,46 @@ def test_compare_none_runs_the_method_alone(client, street, decode_calls):
     assert "`ttm`" in final["method_header"] and "merge ratio K 0.70 · window W 4" in final["method_header"]
     assert "prune ratio P" not in final["method_header"]  # ttm does not prune
     assert "no comparison" in final["headline"]
+
+
+def test_no_page_load_handler_writes_what_an_upload_writes(served):
+    """What the page shows first is in its components' values: a page-load handler writing the status line
+    would race an upload's check, and, answered late, overwrite what the upload said (seen once in a browser)."""
+    demo = served[0]
+    upload = next(fn for fn in demo.fns.values() if any(getattr(demo.blocks.get(block), "elem_id", None) == "video"
+                                                       and event == "change" for block, event in fn.targets))
+    written_by_upload = {id(block) for block in upload.outputs}
+    for fn in demo.fns.values():
+        if any(event == "load" for _, event in fn.targets):
+            assert not written_by_upload & {id(block) for block in fn.outputs}, [b.elem_id for b in fn.outputs]
+    config = {block["id"]: block["props"] for block in demo.config["components"]}
+    shown = config[next(b._id for b in upload.outputs if b.elem_id == "method-heatmap")]["value"]
+    assert "The per-step heatmap appears here." in shown["plot"]
+
+
+class FakeResult:
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer}
+
+
+def test_a_page_holds_one_run_file_in_gradios_cache_and_closing_it_removes_it(served):
+    demo, handlers = served[0], served[0].dycoke
+    page, other = SimpleNamespace(session_hash="page-one"), SimpleNamespace(session_hash="page-two")
+    first = Path(handlers._run_file({"method": FakeResult("one")}, page.session_hash, "aaaa"))
+    second = Path(handlers._run_file({"method": FakeResult("two")}, page.session_hash, "bbbb"))
+    theirs = Path(handlers._run_file({"method": FakeResult("three")}, other.session_hash, "cccc"))
+    assert second.resolve().is_relative_to(Path(demo.GRADIO_CACHE).resolve())
+    assert "page-one" not in str(second)  # the session hash is the page's key; it never names a file
+    assert not first.exists() and json.loads(second.read_text()) == {"method": {"answer": "two"}}
+    assert [path.name for path in second.parent.iterdir()] == [second.name]
+    handlers.end_page(page)
+    assert not second.exists() and not second.parent.exists()
+    assert theirs.exists()  # another page's file stays
+    handlers.end_page(other)
+    assert not theirs.exists()
 
 
 def test_clear_resets_the_conversation(client, street):

@@ -108,6 +108,21 @@ def overlapping_texts(page, elem_id: str) -> list[tuple[str, str]]:
     }""", elem_id)
 
 
+def cut_titles(page, elem_id: str) -> list[str]:
+    """The titles of the plot `elem_id` that reach past its drawing's edges (cut off there)."""
+    return page.evaluate("""(id) => {
+        const svg = document.querySelector(`#${id} .js-plotly-plot .main-svg`).getBoundingClientRect();
+        return [...document.querySelectorAll(`#${id} .js-plotly-plot .gtitle`)].filter(n => {
+            const r = n.getBoundingClientRect();
+            return r.left < svg.left - 1 || r.right > svg.right + 1 || r.top < svg.top - 1; })
+            .map(n => n.textContent);
+    }""", elem_id)
+
+
+def heights(page, *elem_ids: str) -> list[float]:
+    return [page.locator(f"#{elem_id}").bounding_box()["height"] for elem_id in elem_ids]
+
+
 def in_view(page, selector: str) -> bool:
     return page.evaluate("""(sel) => { const r = document.querySelector(sel).getBoundingClientRect();
         return r.top >= -1 && r.top < window.innerHeight; }""", selector)
@@ -159,6 +174,12 @@ def test_a_full_run_reads_well_at_each_size_and_theme(browser, app_url, tmp_path
         assert drawn(page, "gauges", ".barlayer .point path") >= 8, "gauges: no bars drawn"
         assert drawn(page, "ttm-view", "g.imagelayer image") == 1
         assert not overlapping_texts(page, "gauges"), overlapping_texts(page, "gauges")
+        for plot in ("comparison-heatmap", "method-heatmap", "ttm-view"):  # titles wrap to fit, at 390 px too
+            assert page.locator(f"#{plot} .gtitle").count() == 1, f"{plot}: no title"
+            assert not cut_titles(page, plot), f"{plot}: title cut at the edge: {cut_titles(page, plot)}"
+        if size == "desktop":  # the panes side by side: their headers (and so their chats) line up
+            comparison, method = heights(page, "comparison-header", "method-header")
+            assert abs(comparison - method) <= 1, f"pane headers {comparison:.1f} px and {method:.1f} px high"
         assert "dycoke vs baseline" in page.locator("#headline").inner_text()
         assert page.locator("#download").is_visible()
         if theme == "dark":  # plots follow the theme: transparent, with light text

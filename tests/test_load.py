@@ -196,12 +196,16 @@ def test_eight_users_forty_requests_no_cross_talk(served, pipeline, videos, priv
     cache = Path(demo.GRADIO_CACHE).resolve()
     stray = [path for path in private_tmp.iterdir() if path.resolve() != cache]
     assert not stray, f"temp files left outside gradio's upload folder: {stray}"
-    uploads = [path for path in cache.rglob("*") if path.is_file()] if cache.is_dir() else []
+    files = [path for path in cache.rglob("*") if path.is_file()] if cache.is_dir() else []
+    downloads = [path for path in files if path.is_relative_to(demo.dycoke.downloads)]
+    uploads = [path for path in files if path not in downloads]
     assert len(uploads) <= len(videos) + 3 * len(app.EXAMPLES), \
         f"gradio's upload folder holds {len(uploads)} files for {len(videos)} distinct videos"
+    # One run file per page (each client is a page), whatever the number of runs: a new run replaces it.
+    assert len(downloads) <= USERS, f"{len(downloads)} run files for {USERS} pages after {len(answers)} runs"
     assert len(demo.dycoke.clips) <= app.CLIP_CACHE_ITEMS
-    print(f"load: nothing left: 0 extra threads, 0 stray temp files, {len(uploads)} files in gradio's upload "
-          f"folder (content-addressed, {len(videos)} distinct videos)")
+    print(f"load: nothing left: 0 extra threads, 0 stray temp files, {len(uploads)} uploads in gradio's upload "
+          f"folder (content-addressed, {len(videos)} distinct videos), {len(downloads)} run files")
 
 
 def test_a_full_queue_is_refused_with_a_clear_message_and_the_rest_complete(served, videos, monkeypatch):

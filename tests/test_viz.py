@@ -12,9 +12,9 @@ from PIL import Image
 import json
 
 from dycoke.viz import (
-    GAP_PX, TITLE_STRIP_PX, bench_figure, gain, gauges_figure, headline, live_step_heatmap, partial_trace,
-    placeholder_figure, plot_width, step_bins, step_heatmap, step_heatmap_title, token_grid, ttm_frames_figure,
-    ttm_view,
+    GAP_PX, TITLE_STRIP_PX, bench_figure, fit_title, gain, gauges_figure, headline, live_step_heatmap, pane_width,
+    partial_trace, placeholder_figure, plot_width, step_bins, step_heatmap, step_heatmap_title, token_grid,
+    ttm_frames_figure, ttm_view,
 )
 
 N = 196
@@ -146,6 +146,44 @@ def test_heatmap_title_counts_the_prefills_token():
     assert step_heatmap_title("dycoke", trace, 5) == "dycoke · 64 new tokens (63 decoding steps) · 5 reselections"
 
 
+HEATMAP_TITLE = "dycoke · 512 new tokens (511 decoding steps) · 17 reselections"
+
+
+@pytest.mark.parametrize("width", [200, 326, 432, 880])
+def test_a_title_wraps_to_lines_that_fit_its_width(width):
+    lines = fit_title(HEATMAP_TITLE, width)
+    most = width // (13 * 0.6)  # characters of 0.6 em at 13 px
+    assert all(len(line) <= most for line in lines), lines
+    words = [word for word in " ".join(lines).split() if word != "·"]
+    assert words == [word for word in HEATMAP_TITLE.split() if word != "·"]
+    assert not any(line.startswith("·") or line.endswith("·") for line in lines)
+    assert (len(lines) == 1) == (len(HEATMAP_TITLE) <= most)
+
+
+def test_a_title_breaks_at_its_separators_unless_that_takes_more_lines():
+    assert fit_title(HEATMAP_TITLE, 350) == ["dycoke · 512 new tokens (511 decoding steps)", "17 reselections"]
+    # 41 characters a line: at the separators, "dycoke" would stand alone on a line of three.
+    assert len(fit_title(HEATMAP_TITLE, 326)) == 2
+    assert fit_title(HEATMAP_TITLE, None) == [HEATMAP_TITLE]
+
+
+def test_the_heatmap_title_fits_a_phone_pane_and_the_plot_moves_down_for_it():
+    trace = make_trace(ttm=[196], steps=[([58], False)] * 3, times=[0.0])
+    wide, narrow = step_heatmap(trace, HEATMAP_TITLE), step_heatmap(trace, HEATMAP_TITLE, width=pane_width(390))
+    assert wide.layout.title.text == HEATMAP_TITLE
+    lines = narrow.layout.title.text.split("<br>")
+    assert lines == ["dycoke · 512 new tokens (511 decoding", "steps) · 17 reselections"]
+    assert narrow.layout.margin.t == wide.layout.margin.t + 17
+    assert narrow.layout.title.y is None  # centred in the top margin (see title_layout)
+    live = live_step_heatmap(trace, HEATMAP_TITLE, width=pane_width(390))
+    assert live.layout.title.text == narrow.layout.title.text
+
+
+def test_a_pane_is_half_the_answers_column_side_by_side_and_all_of_it_stacked():
+    assert pane_width(390) == plot_width(390) == 326  # measured in chromium: the column's width at 390 px
+    assert pane_width(1280) == (plot_width(1280) - 16) // 2 == 432  # measured: each pane 432 px at 1280 px
+
+
 # --- TTM frames -------------------------------------------------------------------------------------------
 
 
@@ -196,11 +234,12 @@ def test_ttm_view_fits_its_thumbnails_to_the_page(page_width, columns):
     metrics = {"visual_tokens_after_ttm": 16 * N, "visual_tokens_in": 16 * N}
     fig = ttm_view(frames, [i / 2 for i in range(16)], "dycoke", trace, metrics, page_width=page_width, dark=True)
     composite = decode_composite(fig)
-    # As wide as the plot (390 px page: 350 px, 3 columns of 110 px thumbnails), so no band is left empty.
+    # As wide as the plot (390 px page: 326 px, 3 columns of 103 px thumbnails), so no band is left empty.
     assert abs(composite.shape[1] - plot_width(page_width)) < columns + 4
     assert len({round(a.y) for a in fig.layout.annotations}) == math.ceil(16 / columns)
     assert tuple(composite[0, 0]) == (17, 24, 39)  # the dark page's background
     assert "3,136 of 3,136" in fig.layout.title.text
+    assert all(len(line) * 13 * 0.6 <= plot_width(page_width) for line in fig.layout.title.text.split("<br>"))
 
 
 def test_ttm_view_draws_qwens_temporal_groups_on_their_token_grid():
