@@ -53,13 +53,16 @@ def plan_for(kind: str, prompt_length: int, new_tokens: int | None, config: Pret
     return CachePlan(kind, prompt_length + new_tokens, config)
 
 
-def compile_options(compile_decode: bool, device: torch.device) -> dict:
+def compile_options(compile_decode: bool | str, device: torch.device) -> dict:
     """generate() options: compile the decoding step (transformers compiles it where the cache allows), or never.
+    `compile_decode` is True (inductor, CUDA graphs on CUDA) or the name of a torch.compile backend.
 
     On CUDA transformers compiles a static cache's decoding by itself; an uncompiled run must say so."""
     if not compile_decode:
         return {"disable_compile": True}
-    config = CompileConfig(fullgraph=False, mode="reduce-overhead" if device.type == "cuda" else "default")
+    backend = compile_decode if isinstance(compile_decode, str) else "inductor"
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    config = CompileConfig(fullgraph=False, backend=backend, mode=mode)
     config._compile_all_devices = True  # transformers compiles on CUDA only unless told
     return {"compile_config": config}
 

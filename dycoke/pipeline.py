@@ -88,10 +88,10 @@ class Pipeline:
 
     def __init__(self, loaded: LoadedModel, max_frames: int = MAX_FRAMES,
                  video_limits: VideoLimits = VideoLimits(), memory: ConversationMemory | None = None,
-                 cache: str = "dynamic", compile_decode: bool = False) -> None:
+                 cache: str = "dynamic", compile_decode: bool | str = False) -> None:
         self.loaded = loaded
         self.cache = cache  # "static": single requests preallocate their KV cache (dycoke.caches)
-        self.compile_decode = compile_decode  # generate compiles the decoding step where the cache allows
+        self.compile_decode = compile_decode  # True or a backend: generate compiles decoding where the cache allows
         self.max_frames = max_frames
         self.video_limits = video_limits
         self.memory = memory or ConversationMemory()  # what this process's conversations may keep between turns

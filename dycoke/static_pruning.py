@@ -193,7 +193,7 @@ class StaticDyCokeCache(DyCokeCache):
             written = self._state.decoded.to(device) + self.compact_base
             valid = (torch.arange(rows, device=device) < written).view(1, 1, 1, rows)
             if additive:
-                valid = torch.zeros((), dtype=like.dtype, device=device).masked_fill(
+                valid = torch.zeros(valid.shape, dtype=like.dtype, device=device).masked_fill_(
                     ~valid, torch.finfo(like.dtype).min)
             self._per_device[key] = valid
         return self._per_device[key]
