@@ -47,10 +47,11 @@ DYNAMIC = CachePlan()
 
 def plan_for(kind: str, prompt_length: int, new_tokens: int | None, config: PretrainedConfig) -> CachePlan:
     """The plan of a request of `prompt_length` positions and up to `new_tokens` new ones; without a known number
-    of new tokens (a conversation's turns, which crop and extend one cache) it is dynamic."""
+    of new tokens (a conversation's turns, which crop and extend one cache) it is dynamic. The last new token is
+    never fed back, so the cache holds one position less, as transformers' own static cache does."""
     if kind == "dynamic" or new_tokens is None:
         return DYNAMIC
-    return CachePlan(kind, prompt_length + new_tokens, config)
+    return CachePlan(kind, prompt_length + max(new_tokens - 1, 0), config)
 
 
 def compile_options(compile_decode: bool | str, device: torch.device) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dycoke.bench.suite import suite_steps
 
 
@@ -19,6 +21,7 @@ def test_the_gpu_suite_covers_the_issue_grid(tmp_path):
     assert "--compile" in steps["ov-7b-static-compile"] and "--compile" not in steps["ov-7b-static"]
 
 
+@pytest.mark.timeout(1800)  # under a minute on an idle two-core machine; the limit is for a loaded one
 def test_the_gpu_suite_dry_run_passes_on_the_cpu(tmp_path):
     from dycoke.bench.suite import run_suite
 

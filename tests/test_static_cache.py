@@ -78,7 +78,8 @@ def test_a_static_request_preallocates_prompt_plus_new_tokens(pipelines, loaded6
             prepared = pipeline.prepare(clip2, prompt, chosen, chosen.effective_config(DyCokeConfig()),
                                         new_tokens=NEW_TOKENS)
             assert type(prepared.cache) is kind
-            assert all(layer.max_cache_len == prepared.embeds.shape[1] + NEW_TOKENS
+            # The last new token is never fed back: transformers' own static cache also holds max_length - 1.
+            assert all(layer.max_cache_len == prepared.embeds.shape[1] + NEW_TOKENS - 1
                        for layer in prepared.cache.layers)
         # A conversation's turns (no number of new tokens) keep the dynamic cache, which they crop and extend.
         prepared = pipeline.prepare(clip2, prompt, get_method("dycoke"), DyCokeConfig())
@@ -153,3 +154,47 @@ def test_a_static_dycoke_decoding_step_makes_no_cuda_sync(clip2):
         for handle in handles:
             handle.remove()
     assert len(result.trace["steps"]) == NEW_TOKENS - 1
+
+
+def test_static_pruned_layers_gather_the_selection_on_their_own_device():
+    from transformers import Qwen2Config
+
+    from dycoke.caches import CachePlan
+
+    dim, prompt, devices = 4, 7, ["cpu", "cpu", "cpu", "meta"]  # 2 text, 4 visual, 1 text; L = 2, layer 3 on meta
+    config = Qwen2Config(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=dim,
+                         num_hidden_layers=len(devices))
+    cache = StaticDyCokeCache(CachePlan("static", prompt + 2, config), visual_start=2,
+                              frame_of_visual=torch.tensor([0, 0, 1, 1]), num_frames=2, prune_layer=2,
+                              prune_ratio=0.5, reselect_threshold=0.9)
+    generator = torch.Generator().manual_seed(0)
+    rows = lambda length: torch.randn(1, 1, length, dim, generator=generator)  # noqa: E731
+    prefill = [(rows(prompt), rows(prompt)) for _ in devices]
+    for layer, device in enumerate(devices):
+        cache.update(prefill[layer][0].to(device), prefill[layer][1].to(device), layer)
+
+    step = [(rows(1), rows(1)) for _ in devices]
+    cache.update(*step[0], 0)
+    scoring_keys, _ = cache.update(*step[1], 1)
+    assert scoring_keys.shape[-2] == prompt + 2  # the static layer: one row still unwritten
+    query = torch.randn(1, 2, 1, dim, generator=generator)
+    cache.attend(1, query, scoring_keys, None, dim**-0.5)
+    # By hand: both query heads share the one kv head; softmax over the 8 written keys, mean, visual span 2..5.
+    logits = query[0, :, 0] @ scoring_keys[0, 0, :prompt + 1].T * dim**-0.5
+    visual = logits.softmax(dim=-1).mean(dim=0)[2:6]
+    selected = sorted(visual.argsort(descending=True)[:2].tolist())
+    assert cache.selected.tolist() == selected
+
+    kept = [0, 1, *(2 + index for index in selected), 6]
+    for layer in (2, 3):
+        keys, values = cache.update(step[layer][0].to(devices[layer]), step[layer][1].to(devices[layer]), layer)
+        assert keys.device.type == values.device.type == devices[layer]
+        assert keys.shape == (1, 1, len(kept) + 2, dim)  # kept prompt rows, then one row per decoding step
+        mask = cache.attend(layer, query.to(devices[layer]), keys, None, dim**-0.5)
+        assert mask.shape == (1, 1, 1, len(kept) + 2)
+        if devices[layer] == "cpu":
+            torch.testing.assert_close(keys[0, :, :len(kept)], prefill[layer][0][0, :, kept], rtol=0, atol=0)
+            torch.testing.assert_close(values[0, :, len(kept)], step[layer][1][0, :, 0], rtol=0, atol=0)
+            assert mask.flatten().tolist() == [True] * (len(kept) + 1) + [False]
+    assert [(record.kept_per_frame, record.reselected) for record in cache.steps] == [
+        ([sum(1 for index in selected if index < 2), sum(1 for index in selected if index >= 2)], True)]

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_decode = (True if args.compile_backend == "inductor" else args.compile_backend) if args.compile else False
     pipeline = Pipeline(loaded, cache=args.cache, compile_decode=compile_decode)
     if args.compile:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # methods x shapes
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # methods x shapes
     if args.turns is not None:
         from dycoke.bench.turns import TurnSettings, main_turns
 

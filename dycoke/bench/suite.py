@@ -33,7 +33,7 @@ def suite_steps(out: Path, dry_run: bool) -> list[Step]:
     """What the suite runs; the dry run has the same steps, on tiny-random with the smallest settings."""
     python = sys.executable
     tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS, "-k", "cuda"]
-    steps = [Step("cuda-tests", tests, 120, command=True)]
+    steps = [Step("cuda-tests", tests, 600 if dry_run else 120, command=True)]
     presets = ["tiny-random"] if dry_run else ["ov-0.5b", "ov-7b"]
     common = (["--frames", "2", "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--warmup", "0",
                "--new-tokens", "3"] if dry_run else
