@@ -63,7 +63,9 @@ def compile_options(compile_decode: bool | str, device: torch.device) -> dict:
         return {"disable_compile": True}
     backend = compile_decode if isinstance(compile_decode, str) else "inductor"
     mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-    config = CompileConfig(fullgraph=False, backend=backend, mode=mode)
+    # dynamic=False: the static cache fixes every shape of a decoding step, so one graph per (method, prompt
+    # length), never a dynamic-shape one; dynamo's recompile_limit (set by the bench) bounds their number.
+    config = CompileConfig(fullgraph=False, dynamic=False, backend=backend, mode=mode)
     config._compile_all_devices = True  # transformers compiles on CUDA only unless told
     return {"compile_config": config}
 

@@ -69,6 +69,20 @@ def test_the_device_side_decision_gives_the_host_side_tokens_and_trace(pipelines
         assert {step["reselected"] for step in host.trace["steps"]} == {True, False}
 
 
+@pytest.mark.parametrize("preset", ["qwen2.5-vl-tiny", "qwen3-vl-tiny"])
+def test_qwen_vl_m_rope_decodes_alike_on_both_caches(preset):
+    """M-RoPE positions (generate_kwargs) and DyCoke's kept positions go through the static cache unchanged."""
+    from dycoke.models import load
+
+    loaded = load(preset, device="cpu", dtype=torch.float64)
+    clip = moving_square_clip(4, size=112)
+    by_kind = {kind: Pipeline(loaded, cache=kind) for kind in ("dynamic", "static")}
+    for method, config in (("baseline", {}), ("dycoke", {"reselect_threshold": 1.0})):
+        host, device = (answer(by_kind[kind], clip, method, **config) for kind in ("dynamic", "static"))
+        assert device.token_ids == host.token_ids and len(host.token_ids) == NEW_TOKENS
+        assert device.trace["steps"] == host.trace["steps"]
+
+
 def test_a_static_request_preallocates_prompt_plus_new_tokens(pipelines, loaded64, clip2):
     pipeline = pipelines["static"]
     prompt = encode_prompt(loaded64.tokenizer, QUESTION)

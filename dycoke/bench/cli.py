@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "dycoke, ttm, dp, bf16, static cache with and without compile, the CUDA tests), "
                              "everything under OUT")
     parser.add_argument("--dry-run", action="store_true",
-                        help="with --gpu-suite: the same steps on tiny-random on the CPU, in seconds")
+                        help="with --gpu-suite: the same steps on tiny-random on the CPU (about a minute of CPU time)")
     parser.add_argument("--turns", type=int, default=None, metavar="N",
                         help="instead: conversations of N turns, each follow-up's TTFT with and without reusing the "
                              "video prefix and earlier turns (default methods: baseline,dycoke)")

@@ -51,11 +51,14 @@ class ForwardTimer:
             for handle in handles:
                 handle.remove()
 
+    # Never traced: a compiled decoding step would otherwise guard on (and recompile for) the timer's own state.
+    @torch.compiler.disable
     def _before(self, module, args, kwargs) -> None:
         if self.cache is None:
             self.cache = kwargs.get("past_key_values")
         self._start = self.clock.now()
 
+    @torch.compiler.disable
     def _after(self, module, args, output) -> None:
         self.spans.append(self.clock.now() - self._start)
 
@@ -118,6 +121,13 @@ def run_once_or_eager(pipeline, clip: VideoClip, spec: MethodSpec, base: DyCokeC
         return run_once(pipeline, clip, spec, base, new_tokens, timer, match)
 
 
+def _compiled_graphs() -> int:
+    """How many graphs dynamo has traced in this process: with --compile, one per method and shape, none per step."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 @dataclass
 class BenchSettings:
     frames: list[int]
@@ -141,6 +151,7 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
     weights = model_weights(loaded.model)
     load_before = load_average()
     compile_requested, notes = pipeline.compile_decode, []
+    graphs_before = _compiled_graphs()
     rows = []
     for frames in settings.frames:
         clip, video_decode_ms = _clip(pipeline, settings.video, frames)
@@ -198,7 +209,10 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
             "video": settings.video or (f"synthetic moving shapes, {loaded.image_size}x{loaded.image_size}, "
                                         "generated in-process"),
             "cache": pipeline.cache,
-            "compile": {"requested": compile_requested, "notes": notes},
+            "compile": {"requested": bool(compile_requested),
+                        "backend": (compile_requested if isinstance(compile_requested, str) else "inductor")
+                        if compile_requested else None,
+                        "graphs": _compiled_graphs() - graphs_before, "notes": notes},
             "question": QUESTION,
             "prompt_text_tokens": {str(row["frames"]): row["prefill_tokens"] - row["visual_tokens_prefill"]
                                    for row in rows},

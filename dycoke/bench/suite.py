@@ -5,7 +5,7 @@ The steps, in the order that keeps the most when time runs out: the machine, the
 and then with a compiled decoding step. Each bench step is a separate process with its own time limit, so that a
 step that runs out of time or memory loses only itself. `--dry-run` runs the same steps on `tiny-random` on the
 CPU, in process and with the smallest settings (the compiled steps through torch.compile's eager backend), to
-check the suite itself in seconds.
+check the suite itself in about a minute of CPU time.
 """
 
 from __future__ import annotations
