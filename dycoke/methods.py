@@ -11,9 +11,10 @@ import numbers
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import Cache, DynamicCache
+from transformers import Cache
 
 from dycoke.budget import VisualBudget, evenly_spaced, ratio_keeping, spread, ttm_kept_total
+from dycoke.caches import DYNAMIC, CachePlan
 from dycoke.config import ConfigError, DyCokeConfig
 from dycoke.fastv import FastVCache, install_fastv_hooks
 from dycoke.fastvid import FastVIDSettings, fastvid_compress
@@ -22,6 +23,7 @@ from dycoke.holitom import HoliTomSettings, holitom_compress
 from dycoke.knobs import DP_KNOBS, TTM_KNOBS, Knob, config_from
 from dycoke.merging import Placed
 from dycoke.pruning import DyCokeCache, StepRecord, install_dp_hooks
+from dycoke.static_pruning import StaticDyCokeCache
 from dycoke.ttm import kept_count, temporal_keep_mask
 from dycoke.vidcom2 import vidcom2_compress
 from dycoke.visionzip import pooled_statistics, zip_frame
@@ -127,8 +129,9 @@ class Method:
     def compress(self, visual: VisualInput, config: DyCokeConfig) -> CompressedVisual:
         return CompressedVisual.from_mask(visual.frame_tokens, self.keep_mask(visual.frame_tokens, config))
 
-    def make_cache(self, layout: VisualLayout, config: DyCokeConfig) -> Cache:
-        return DynamicCache()
+    def make_cache(self, layout: VisualLayout, config: DyCokeConfig, plan: CachePlan = DYNAMIC) -> Cache:
+        """The request's cache: `plan` says dynamic or static (preallocated, for methods whose cache can be)."""
+        return plan.plain()
 
     def step_record(self, cache: Cache, step_index: int, entered_per_frame: list[int]) -> StepRecord:
         """What decoding step `step_index` (0-based) attended to, per frame, at the layers the method prunes."""
@@ -171,10 +174,10 @@ class DyCokeMethod(Method):
             return super().keep_mask(frame_features, config)
         return temporal_keep_mask(frame_features, config.merge_ratio, config.window)
 
-    def make_cache(self, layout: VisualLayout, config: DyCokeConfig) -> Cache:
+    def make_cache(self, layout: VisualLayout, config: DyCokeConfig, plan: CachePlan = DYNAMIC) -> Cache:
         if not self.prunes:
-            return DynamicCache()
-        return DyCokeCache(
+            return plan.plain()
+        settings = dict(
             visual_start=layout.start,
             frame_of_visual=layout.frame_of_token,
             num_frames=layout.num_frames,
@@ -183,6 +186,7 @@ class DyCokeMethod(Method):
             reselect_threshold=config.reselect_threshold,
             visual_positions=layout.positions,
         )
+        return StaticDyCokeCache(plan, **settings) if plan.static else DyCokeCache(**settings)
 
     def step_record(self, cache: Cache, step_index: int, entered_per_frame: list[int]) -> StepRecord:
         if isinstance(cache, DyCokeCache) and cache.pruning:
@@ -266,7 +270,8 @@ class FastVMethod(_PeerMethod):
         kept = self.resolve(config, num_frames, tokens_per_frame).kept_total(num_frames, tokens_per_frame)
         return VisualBudget(num_frames * tokens_per_frame, kept)
 
-    def make_cache(self, layout: VisualLayout, config: DyCokeConfig) -> Cache:
+    def make_cache(self, layout: VisualLayout, config: DyCokeConfig, plan: CachePlan = DYNAMIC) -> Cache:
+        # Always dynamic: layers >= K hold fewer positions than the prompt, and FastV's hooks cut the model's mask.
         if self.ratio is None:
             raise ConfigError("fastv needs fastv_ratio or a method to match")
         return FastVCache(layout.start, layout.frame_of_token, layout.num_frames, self.layer, self.ratio,

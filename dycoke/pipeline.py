@@ -15,6 +15,7 @@ import torch
 from transformers import Cache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from dycoke.caches import compile_options, plan_for
 from dycoke.config import DyCokeConfig
 from dycoke.decoder import VideoDecoder
 from dycoke.families import Geometry, PromptLayout, VideoFeatures, question_ids, text_ids
@@ -86,8 +87,11 @@ class Pipeline:
     """Holds one loaded model and runs requests on it; all per-request state lives in the request's own objects."""
 
     def __init__(self, loaded: LoadedModel, max_frames: int = MAX_FRAMES,
-                 video_limits: VideoLimits = VideoLimits(), memory: ConversationMemory | None = None) -> None:
+                 video_limits: VideoLimits = VideoLimits(), memory: ConversationMemory | None = None,
+                 cache: str = "dynamic", compile_decode: bool | str = False) -> None:
         self.loaded = loaded
+        self.cache = cache  # "static": single requests preallocate their KV cache (dycoke.caches)
+        self.compile_decode = compile_decode  # True or a backend: generate compiles decoding where the cache allows
         self.max_frames = max_frames
         self.video_limits = video_limits
         self.memory = memory or ConversationMemory()  # what this process's conversations may keep between turns
@@ -137,7 +141,8 @@ class Pipeline:
         self.check_context(chosen, requested, settings, clip.num_frames, len(prompt[0]) + len(prompt[1]),
                            max_new_tokens, clip=clip)
         report(0.3, "encoding frames")
-        prepared = self.guard_memory(lambda: self.prepare(clip, prompt, chosen, settings, times), clip.num_frames)
+        prepared = self.guard_memory(lambda: self.prepare(clip, prompt, chosen, settings, times,
+                                                          new_tokens=max_new_tokens), clip.num_frames)
         report(0.5, "generating")
         yield from self.generate(prepared, clip, chosen, settings, max_new_tokens, ignore_eos)
 
@@ -252,12 +257,14 @@ class Pipeline:
 
     def prepare(self, clip: VideoClip, prompt: Prompt, method: Method, settings: DyCokeConfig,
                 times: RequestTimes | None = None,
-                vision: Callable[[VideoClip, bool], VisionFeatures] | None = None) -> Prepared:
+                vision: Callable[[VideoClip, bool], VisionFeatures] | None = None,
+                new_tokens: int | None = None) -> Prepared:
         """Vision features, compression and the prompt embeddings: everything up to the first generate call.
 
         `prompt` is a question or the token ids before and after the video. `method` must be resolved
         (`resolve`) for this clip; `stream` does that. `vision` gives the features (default: `vision_features`;
-        a conversation passes its per-clip cache).
+        a conversation passes its per-clip cache). `new_tokens`, where known, lets a static cache (`self.cache`)
+        be allocated for the whole request.
         """
         times = times or RequestTimes()
         reset_peak_memory(self.loaded.device)
@@ -272,7 +279,8 @@ class Pipeline:
         visual = VisualLayout(start=int(inputs.visual_positions[0]) if inputs.visual_positions.numel() else 0,
                               frame_of_token=compressed.frame_of_token, num_frames=num_frames,
                               positions=inputs.visual_positions)
-        cache = method.make_cache(visual, settings)
+        plan = plan_for(self.cache, inputs.embeds.shape[1], new_tokens, model.config)
+        cache = method.make_cache(visual, settings, plan)
         ttm_kept_per_frame = torch.bincount(compressed.frame_of_token, minlength=num_frames).tolist()
         times.compress_end = self.clock.now()
         return Prepared(inputs.embeds, cache, compressed.keep_mask, ttm_kept_per_frame, times, inputs.generate_kwargs)
@@ -346,6 +354,7 @@ class Pipeline:
                     pad_token_id=generation.pad_token_id or self.loaded.tokenizer.pad_token_id,
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+                    **compile_options(self.compile_decode, prepared.embeds.device),
                 )
         except BaseException as error:  # handed to the consumer, which re-raises it in its own thread
             events.put(error)

@@ -68,11 +68,18 @@ class _FrameCounts:
 class StepRecord:
     """What the newest token attended to at layers >= L in one decoding step."""
 
-    __slots__ = ("_counts", "reselected")
+    __slots__ = ("_counts", "_reselected")
 
-    def __init__(self, kept_per_frame: _FrameCounts | list[int], reselected: bool) -> None:
+    def __init__(self, kept_per_frame: _FrameCounts | list[int], reselected: bool | torch.Tensor) -> None:
         self._counts = kept_per_frame
-        self.reselected = reselected
+        self._reselected = reselected
+
+    @property
+    def reselected(self) -> bool:
+        # A static cache decides on the device: its flag is a 0-d tensor until someone reads it, after the step.
+        if isinstance(self._reselected, torch.Tensor):
+            self._reselected = bool(self._reselected)
+        return self._reselected
 
     @property
     def kept_per_frame(self) -> list[int]:
@@ -124,8 +131,8 @@ class DyCokeCache(DynamicCache):
         self.num_layers: int | None = None  # told by the attention hook during prefill
         self.previous_scores: torch.Tensor | None = None
         self.selected: torch.Tensor | None = None
-        self.steps: list[StepRecord] = []
-        self.reselections = 0
+        self._steps: list[StepRecord] = []
+        self._reselections = 0
         self.prefill_length: int | None = None
         # Per pruned layer, on that layer's device: [K|V, kv_heads, capacity, head_dim], the rows in use, and the
         # selection (counted in reselections) that its visual segment holds.
@@ -143,6 +150,15 @@ class DyCokeCache(DynamicCache):
     def scoring_layer(self) -> int:
         return self.prune_layer - 1
 
+    @property
+    def steps(self) -> list[StepRecord]:
+        """One record per decoding step so far."""
+        return self._steps
+
+    @property
+    def reselections(self) -> int:
+        return self._reselections
+
     def observe(self, visual_scores: torch.Tensor) -> None:
         """Take layer L-1's head-mean attention over the visual span; reselect when it drifted below tau.
 
@@ -156,12 +172,12 @@ class DyCokeCache(DynamicCache):
         if reselect:
             top = torch.topk(visual_scores, self.keep_visual, sorted=False).indices
             self.selected = torch.sort(top).values
-            self.reselections += 1
+            self._reselections += 1
             self._positions = {}
             self._kept_per_frame = _FrameCounts(torch.bincount(
                 self.frame_of_visual[self.selected.to(self.frame_of_visual.device)], minlength=self.num_frames
             ))
-        self.steps.append(StepRecord(self._kept_per_frame, reselect))
+        self._steps.append(StepRecord(self._kept_per_frame, reselect))
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self._prunes(layer_idx, key_states.shape[-2]):
@@ -281,7 +297,7 @@ class DyCokeCache(DynamicCache):
             if layer.is_initialized and layer.keys.shape[-2] > length:
                 layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
         self.prefill_length = self.selected = self.previous_scores = None
-        self.compact, self.compact_lengths, self._gathered, self.steps, self.reselections = [], [], [], [], 0
+        self.compact, self.compact_lengths, self._gathered, self._steps, self._reselections = [], [], [], [], 0
         self._positions, self._kept_per_frame = {}, []
 
     def _length_layer(self, layer_idx: int) -> int:
@@ -341,14 +357,18 @@ def kept_prompt_positions(visual_start: int, visual_end: int, visual_positions: 
 
 
 
-def head_mean_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+def head_mean_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of one query over `keys` ([1, kv_heads, S, head_dim]), averaged over query heads.
 
-    In float32, or in the model's dtype where that is wider, so that ties are broken as the exact rule does."""
+    `valid` (bool [S]) marks the keys that exist; a static cache's unwritten rows get no weight. In float32, or in
+    the model's dtype where that is wider, so that ties are broken as the exact rule does."""
     kv_heads, head_dim = keys.shape[1], keys.shape[-1]
     grouped_query = query.view(1, kv_heads, -1, head_dim)  # query heads grouped by the kv head they share
     dtype = torch.promote_types(query.dtype, torch.float32)
     logits = torch.matmul(grouped_query.to(dtype), keys.to(dtype).transpose(-1, -2)) * scaling
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
     return logits.softmax(dim=-1).mean(dim=(0, 1, 2))
 
 

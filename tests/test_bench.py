@@ -109,8 +109,8 @@ def test_decode_flops_match_a_hand_count():
     # One token: linear 2*576 per layer, attention 2*2*(2 heads*4)*keys per layer, LM head 160.
     assert decode_flops(SMALL_TEXT, 5) == 2 * 1152 + 2 * 160 + 160  # 2784
     assert decode_flops(SMALL_TEXT, [5, 2]) == 2 * 1152 + (160 + 64) + 160  # layer 1 attends 2 keys
-    # DP's scoring: q and k projections 2*8*(2+1)*4 = 192, QK over 5 keys 2*2*4*5 = 80.
-    assert decode_flops(SMALL_TEXT, 5, scored_keys=5) == 2784 + 192 + 80
+    # DP's scoring: QK over 5 keys 2*2*4*5 = 80; the query and keys are the layer's own, projected once.
+    assert decode_flops(SMALL_TEXT, 5, scored_keys=5) == 2784 + 80
     with pytest.raises(ValueError):
         decode_flops(SMALL_TEXT, [5, 5, 5])
 

@@ -13,6 +13,7 @@ from dycoke.bench.report import decode_table, describe, markdown_table, targets_
 from dycoke.bench.runner import BenchSettings, run_bench
 from dycoke.bench.specs import parse_methods
 from dycoke.bench.summary import targets
+from dycoke.caches import CACHE_KINDS
 from dycoke.methods import get_method, matchable_names, method_names
 
 
@@ -54,9 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--cache", choices=list(CACHE_KINDS), default="static",
+                        help="KV cache of every request: static (preallocated, transformers' StaticCache; DP decides "
+                             "on the device) or dynamic (DynamicCache; DP decides on the host), the bench's baseline "
+                             "before issue 12 (default: static)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoding step of every method whose cache allows it (static); a "
+                             "failure is noted in the report and the run goes on uncompiled")
+    parser.add_argument("--compile-backend", default="inductor", help="with --compile: the torch.compile backend "
+                        "(default: inductor, with CUDA graphs on CUDA; 'eager' checks the tracing only)")
     parser.add_argument("--out", default="results.json", help="JSON report (default: results.json)")
     parser.add_argument("--html", default=None, help="Plotly chart (default: the --out path with .html; '' for none)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--gpu-suite", default=None, metavar="OUT",
+                        help="instead: the prepared GPU suite (ov-7b and ov-0.5b at 8, 32, 128 frames, baseline, "
+                             "dycoke, ttm, dp, bf16, static cache with and without compile, the CUDA tests), "
+                             "everything under OUT")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --gpu-suite: the same steps on tiny-random on the CPU (about a minute of CPU time)")
     parser.add_argument("--turns", type=int, default=None, metavar="N",
                         help="instead: conversations of N turns, each follow-up's TTFT with and without reusing the "
                              "video prefix and earlier turns (default methods: baseline,dycoke)")
@@ -66,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.gpu_suite is not None:
+        from dycoke.bench.suite import run_suite
+
+        return run_suite(Path(args.gpu_suite), dry_run=args.dry_run)
+    if args.dry_run:
+        parser.error("--dry-run goes with --gpu-suite")
     try:
         frames = [int(part) for part in args.frames.split(",") if part.strip()]
         methods = parse_methods(args.methods)
@@ -96,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    pipeline = Pipeline(loaded)
+    compile_decode = (True if args.compile_backend == "inductor" else args.compile_backend) if args.compile else False
+    pipeline = Pipeline(loaded, cache=args.cache, compile_decode=compile_decode)
+    if args.compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # methods x shapes
     if args.turns is not None:
         from dycoke.bench.turns import TurnSettings, main_turns
 

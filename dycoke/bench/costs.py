@@ -64,7 +64,8 @@ def decode_flops(config, keys_per_layer: int | Sequence[float], scored_keys: int
     """Matmul FLOPs of one decoding step: one token through every layer, attending `keys_per_layer` keys.
 
     `keys_per_layer` is one count for all layers, or one per layer (DP attends fewer keys from layer L on).
-    `scored_keys` > 0 adds DP's scoring at layer L-1: the q and k projections once more and QK^T over those keys.
+    `scored_keys` > 0 adds DP's scoring at layer L-1: QK^T over those keys (the query and keys are the layer's own,
+    handed to DP's attention function, so nothing is projected twice).
     """
     dims = TextDims.of(config)
     keys = [keys_per_layer] * dims.layers if isinstance(keys_per_layer, (int, float)) else list(keys_per_layer)
@@ -74,7 +75,7 @@ def decode_flops(config, keys_per_layer: int | Sequence[float], scored_keys: int
     attention = sum(2 * 2 * dims.heads * dims.head_dim * k for k in keys)
     scoring = 0
     if scored_keys:
-        scoring = 2 * dims.hidden * (dims.heads + dims.kv_heads) * dims.head_dim + 2 * dims.heads * dims.head_dim * scored_keys
+        scoring = 2 * dims.heads * dims.head_dim * scored_keys
     return linear + attention + 2 * dims.hidden * dims.vocab + scoring
 
 

@@ -64,7 +64,8 @@ def markdown_table(report: dict) -> str:
 def decode_table(report: dict) -> str:
     """Where a decoding step's time goes: forward time of reuse and reselect steps, and DP's own work."""
     header = ["frames", "method", "forward ms/step", "reuse step ms (n)", "reselect step ms (n)", "reselect rate",
-              "DP score+select ms/step", "DP rebuild ms/reselect", "compress + DP overhead % of latency"]
+              "DP score+select ms/step", "DP rebuild ms/reselect (static: gather ms/step)",
+              "compress + DP overhead % of latency"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in report["rows"]:
         split, overhead = row["decode_step_split_ms"], row["overhead"]
@@ -78,10 +79,17 @@ def decode_table(report: dict) -> str:
             f"{_fmt(split['reselect'], 2)} ({split['reselect_steps']})",
             f"{row['reselection_rate']:.2f}",
             _fmt((overhead["score_select_ms"] or 0.0) / steps, 3),
-            _fmt(overhead["compact_rebuild_ms"] / reselections if reselections else None, 3),
+            _fmt(_rebuild_ms(row, steps, reselections), 3),
             _fmt(overhead["pct_of_latency"], 2),
         ]) + " |")
     return "\n".join(lines)
+
+
+def _rebuild_ms(row: dict, steps: int, reselections: int) -> float | None:
+    """A dynamic DyCokeCache rebuilds its compact copy per reselection; a static one gathers at every step."""
+    if row.get("cache_class") == "StaticDyCokeCache":
+        return row["overhead"]["compact_rebuild_ms"] / steps
+    return row["overhead"]["compact_rebuild_ms"] / reselections if reselections else None
 
 
 def targets_table(report: dict) -> str:
@@ -104,8 +112,35 @@ def describe(report: dict) -> str:
         f"{machine['torch_threads']} threads); {settings['new_tokens']} new tokens, EOS ignored; "
         f"median (min–max) of {settings['repeats']} repeats after {settings['warmup']} warm-up; "
         f"limits from {used['name']}: {used['bandwidth_TB_per_s'] * 1000:,.1f} GB/s, "
-        f"{used['peak_TFLOP_per_s']:,.2f} TFLOP/s ({used['source']})"
+        f"{used['peak_TFLOP_per_s']:,.2f} TFLOP/s ({used['source']}); {cache_note(report)}"
     )
+
+
+CACHE_NOTES = {
+    "static": "static KV cache (preallocated: transformers' StaticCache for the baseline and every method that "
+              "leaves decoding alone; DyCoke's unpruned layers static too, its reselect decision on the device)",
+    "dynamic": "dynamic KV cache (DynamicCache, which copies the whole cache at every step; DP decides on the host)",
+}
+
+
+def cache_note(report: dict) -> str:
+    """Which cache the baseline (and every method) decoded with, and whether decoding was compiled."""
+    settings = report["settings"]
+    kind = settings.get("cache", "dynamic")
+    compile_settings = settings.get("compile") or {"requested": False, "notes": []}
+    compiled = sorted({row["method"] for row in report["rows"] if row.get("compiled")})
+    uncompiled = sorted({row["method"] for row in report["rows"] if not row.get("compiled")})
+    if not compile_settings["requested"]:
+        compiling = "decoding not compiled"
+    elif compiled:
+        compiling = f"decoding compiled (torch.compile) for {', '.join(compiled)}"
+        compiling += f"; not for {', '.join(uncompiled)} (a dynamic cache)" if uncompiled else ""
+    else:
+        compiling = "--compile asked, but no method's decoding was compiled"
+    notes = "".join(f"; note: {note}" for note in compile_settings["notes"])
+    dynamic_peers = sorted({row["method"] for row in report["rows"] if row.get("cache_class") == "FastVCache"})
+    peers = f"; {', '.join(dynamic_peers)} keep a dynamic cache" if kind == "static" and dynamic_peers else ""
+    return f"baseline and methods on a {CACHE_NOTES[kind]}{peers}; {compiling}{notes}"
 
 
 def write_chart(report: dict, path: str | Path) -> None:

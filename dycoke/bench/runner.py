@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -37,12 +37,13 @@ class ForwardTimer:
         self.model = model
         self.clock = clock
         self.spans: list[float] = []
+        self.cache = None  # the request's cache, as the prefill forward received it
         self._start = 0.0
 
     @contextmanager
     def attached(self) -> Iterator["ForwardTimer"]:
-        self.spans = []
-        handles = [self.model.register_forward_pre_hook(self._before),
+        self.spans, self.cache = [], None
+        handles = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
                    self.model.register_forward_hook(self._after)]
         try:
             yield self
@@ -50,9 +51,14 @@ class ForwardTimer:
             for handle in handles:
                 handle.remove()
 
-    def _before(self, module, args) -> None:
+    # Never traced: a compiled decoding step would otherwise guard on (and recompile for) the timer's own state.
+    @torch.compiler.disable
+    def _before(self, module, args, kwargs) -> None:
+        if self.cache is None:
+            self.cache = kwargs.get("past_key_values")
         self._start = self.clock.now()
 
+    @torch.compiler.disable
     def _after(self, module, args, output) -> None:
         self.spans.append(self.clock.now() - self._start)
 
@@ -67,16 +73,22 @@ class Sample:
     steps: int
     reselected_steps: int
     dp_regions: dict  # Stopwatch totals of DP's scoring/selection and compact rebuilds; empty without DP
+    cache_class: str = ""  # the request's KV cache
+    compiled: bool = False  # decoding ran through torch.compile
 
 
 def run_once(pipeline, clip: VideoClip, spec: MethodSpec, base: DyCokeConfig, new_tokens: int,
              timer: ForwardTimer, match: str | None = None) -> Sample:
+    from dycoke.caches import decode_compiles
     from dycoke.pruning import overhead_timing
 
     gc.collect()
-    with timer.attached(), overhead_timing() as stopwatches:
+    # Compiled, DP's regions are not timed: a stopwatch inside the step would split its graph.
+    timing = nullcontext([]) if pipeline.compile_decode else overhead_timing()
+    with timer.attached(), timing as stopwatches:
         result = pipeline.answer(clip, QUESTION, method=spec.resolved(match), config=spec.config(base),
                                  max_new_tokens=new_tokens, ignore_eos=True)
+    cache = timer.cache
     spans_ms = [1000.0 * s for s in timer.spans]
     steps = result.trace["steps"]
     reselected = [bool(step["reselected"]) for step in steps]
@@ -90,7 +102,30 @@ def run_once(pipeline, clip: VideoClip, spec: MethodSpec, base: DyCokeConfig, ne
         steps=len(steps),
         reselected_steps=sum(reselected),
         dp_regions=stopwatches[-1].totals_ms() if stopwatches else {},
+        cache_class=type(cache).__name__,
+        compiled=pipeline.compile_decode and cache is not None and decode_compiles(cache),
     )
+
+
+def run_once_or_eager(pipeline, clip: VideoClip, spec: MethodSpec, base: DyCokeConfig, new_tokens: int,
+                      timer: ForwardTimer, match: str | None, notes: list[str]) -> Sample:
+    """run_once; where compiling the decoding step fails, a note, and this and every later run uncompiled."""
+    if not pipeline.compile_decode:
+        return run_once(pipeline, clip, spec, base, new_tokens, timer, match)
+    try:
+        return run_once(pipeline, clip, spec, base, new_tokens, timer, match)
+    except Exception as error:  # torch.compile's failures are of many kinds (backend, compiler, dynamo)
+        pipeline.compile_decode = False
+        notes.append(f"torch.compile failed on {spec.label} ({type(error).__name__}: {str(error)[:300]}); "
+                     "every run from there on decodes uncompiled")
+        return run_once(pipeline, clip, spec, base, new_tokens, timer, match)
+
+
+def _compiled_graphs() -> int:
+    """How many graphs dynamo has traced in this process: with --compile, one per method and shape, none per step."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 @dataclass
@@ -115,6 +150,8 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
     timer = ForwardTimer(loaded.model, clock)
     weights = model_weights(loaded.model)
     load_before = load_average()
+    compile_requested, notes = pipeline.compile_decode, []
+    graphs_before = _compiled_graphs()
     rows = []
     for frames in settings.frames:
         clip, video_decode_ms = _clip(pipeline, settings.video, frames)
@@ -127,8 +164,8 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
             shift = repeat % len(settings.methods)
             order = settings.methods[shift:] + settings.methods[:shift]
             for spec in order:
-                sample = run_once(pipeline, clip, spec, settings.base_config, settings.new_tokens, timer,
-                                  settings.match)
+                sample = run_once_or_eager(pipeline, clip, spec, settings.base_config, settings.new_tokens,
+                                           timer, settings.match, notes)
                 kind = "warm-up" if repeat < settings.warmup else f"repeat {repeat - settings.warmup + 1}"
                 log(f"{frames:>4} frames  {spec.label:<18} {kind:<10} total {sample.metrics['total_ms']:>10.1f} ms")
                 if repeat >= settings.warmup:
@@ -171,6 +208,11 @@ def run_bench(pipeline, settings: BenchSettings, device_spec: DeviceSpec | None 
             "order": "interleaved: every repeat runs every method once, starting one method later each repeat",
             "video": settings.video or (f"synthetic moving shapes, {loaded.image_size}x{loaded.image_size}, "
                                         "generated in-process"),
+            "cache": pipeline.cache,
+            "compile": {"requested": bool(compile_requested),
+                        "backend": (compile_requested if isinstance(compile_requested, str) else "inductor")
+                        if compile_requested else None,
+                        "graphs": _compiled_graphs() - graphs_before, "notes": notes},
             "question": QUESTION,
             "prompt_text_tokens": {str(row["frames"]): row["prefill_tokens"] - row["visual_tokens_prefill"]
                                    for row in rows},

@@ -91,6 +91,8 @@ def summarise(spec: MethodSpec, frames: int, samples: list[Sample], loaded, text
         "groups": geometry.groups,
         "tokens_per_group": geometry.tokens_per_group,
         "config": config,
+        "cache_class": samples[-1].cache_class,
+        "compiled": all(s.compiled for s in samples),
         "samples": len(samples),
         "new_tokens": new_tokens,
         "visual_tokens_in": first["visual_tokens_in"],
