@@ -415,6 +415,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 32, size: FrameSize = 
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     started = time.perf_counter()
+    _reset_peak_rss()
     name = display_name(path)
     info = probe(path, limits)
     check_limits(path, info, limits, num_frames)
@@ -439,8 +440,32 @@ def load_video(path: str | os.PathLike, num_frames: int = 32, size: FrameSize = 
         fps=info.fps,
         decode_seconds=time.perf_counter() - started,
         source_size=displayed,
-        decoder_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        decoder_peak_bytes=_peak_rss_bytes(),
     )
+
+
+def _reset_peak_rss() -> None:
+    """Linux: restart this process's high-water RSS (VmHWM), so that the next reading is this decode's peak and not
+    an earlier one's (the decoder worker is long-lived)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    """The high-water RSS of this process image: VmHWM where /proc has it. Not ru_maxrss: at exec Linux folds the old
+    address space's peak into it, and a worker spawned by vfork had its parent's, so a worker started from a
+    1.7 GB test process reported 1.7 GB."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _decode_file(path, info: StreamInfo, indices: list[int], size: FrameSize, name: str,

@@ -155,6 +155,18 @@ def test_a_huge_frame_video_is_decoded_one_frame_at_a_time(tmp_path: Path) -> No
     assert peak < held_at_full_size
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_the_decoder_peak_is_the_workers_own_not_its_parents(small_video: Path) -> None:
+    """A worker started from a big process must not report that process's memory: at exec Linux folds the old
+    address space's peak into ru_maxrss (what CI's 8000x8000 test tripped on), VmHWM starts afresh."""
+    ballast = np.ones(1200 * 2**20, dtype=np.uint8)  # 1.2 GB resident in this (the parent) process
+    with VideoDecoder(workers=1) as pool:
+        first = pool.load(small_video, 2).decoder_peak_bytes
+        second = pool.load(small_video, 2).decoder_peak_bytes
+    assert ballast.sum() == ballast.size  # kept resident until the decodes are done
+    assert first < 600 * 2**20 and second < 600 * 2**20, (first, second)
+
+
 def test_decoding_runs_in_the_worker_not_in_the_caller(small_video: Path, monkeypatch) -> None:
     monkeypatch.setattr(decoder, "load_video", lambda *a, **k: pytest.fail("decoded in the calling process"))
     with VideoDecoder(workers=1) as pool:
