@@ -143,6 +143,9 @@ def wait_for_the_run(page, shots: Path) -> None:
     wait_until(page, "document.querySelector('#ttm-view .js-plotly-plot image') !== null", "the TTM view", shots)
     wait_until(page, "document.querySelector('#gauges .js-plotly-plot .barlayer .point') !== null", "the gauges",
                shots)
+    for pane in ("comparison-heatmap", "method-heatmap"):  # the last update may still be redrawing a heatmap
+        wait_until(page, f"document.querySelector('#{pane} .js-plotly-plot g.hm image') !== null",
+                   f"the {pane}'s cells", shots)
     page.wait_for_timeout(500)
 
 
