@@ -34,7 +34,7 @@ from transformers import (
 from dycoke.models import IMAGE_SIZE, QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS, llava_onevision_config
 from dycoke.pipeline import encode_prompt
 from dycoke.video import to_pixel_values
-from dycoke.videoqa import TASKS, Item, is_correct, make_item, vocabulary
+from dycoke.videoqa import TASKS, Item, is_correct, make_item, reversed_twin, vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class TrainSettings:
     # spends its first hundreds of steps learning to read the frames at all, which it learns as well from 8.
     early_steps: int = 0
     early_frame_mix: tuple[tuple[int, float], ...] = ((8, 1.0),)
+    # A drawn `motion` or `order` item brings its time-reversed twin into the same batch (videoqa.reversed_twin):
+    # the pair differs only in the direction of time, so the loss cannot fall through where the circle starts.
+    reversed_twins: bool = False
 
 
 def build_word_tokenizer() -> PreTrainedTokenizerFast:
@@ -150,7 +153,15 @@ def sample_batch(rng: random.Random, step: int, settings: TrainSettings) -> list
     num_frames = rng.choices(frame_counts, weights)[0]
     base = settings.item_offset + step * settings.batch_size
     tasks = rng.choices(TASKS, settings.task_weights, k=settings.batch_size)
-    return [make_item("train", task, base + k, num_frames) for k, task in enumerate(tasks)]
+    chosen: list[Item] = []
+    for k, task in enumerate(tasks):
+        if len(chosen) == settings.batch_size:
+            break
+        chosen.append(make_item("train", task, base + k, num_frames))
+        twin = reversed_twin(chosen[-1]) if settings.reversed_twins else None
+        if twin is not None and len(chosen) < settings.batch_size:
+            chosen.append(twin)
+    return chosen
 
 
 @torch.inference_mode()
@@ -281,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint directory")
     parser.add_argument("--task-weights", default=None,
                         help=f"sampling weights of the tasks ({','.join(TASKS)}), comma-separated (default equal)")
+    parser.add_argument("--reversed-twins", action="store_true",
+                        help="pair each motion and order item with its time-reversed twin in the batch")
     parser.add_argument("--item-offset", type=int, default=0,
                         help="first train-split item index (a continued run passes the items already seen)")
     args = parser.parse_args(argv)
@@ -293,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                              eval_items=args.eval_items, seed=args.seed, threads=args.threads,
                              frame_mix=mix, warmup_steps=args.warmup_steps, save_every=args.save_every,
                              item_offset=args.item_offset, early_steps=args.early_steps,
-                             early_frame_mix=early_mix,
+                             early_frame_mix=early_mix, reversed_twins=args.reversed_twins,
                              task_weights=tuple(float(w) for w in args.task_weights.split(","))
                              if args.task_weights else TrainSettings.task_weights)
     summary = train(args.out, settings, args.log, args.init)

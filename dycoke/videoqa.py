@@ -113,6 +113,26 @@ def blank_like(item: Item) -> Item:
                 np.full_like(item.frames, 128))
 
 
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def reversed_twin(item: Item) -> Item | None:
+    """The item's clip played backwards with the answer that clip has, where the suite can say it: the circle of
+    `motion` then moves the opposite way, and in `order` the other shape comes first. None for the other tasks.
+
+    A pair that differs only in the order of its frames is what training needs to learn the direction of time:
+    every single-frame cue (where the circle starts, which shapes are on screen) is the same in both."""
+    if item.task == "motion":
+        answer = OPPOSITE[item.answer]
+        response = f"it moves {answer}"
+    elif item.task == "order":
+        named = re.fullmatch(r"Which appeared first, the (\w+) or the (\w+)\?", item.question).groups()
+        answer = named[1] if named[0] == item.answer else named[0]
+        response = f"the {answer} came first"
+    else:
+        return None
+    return Item(item.id + "-reversed", item.task, item.question, answer, response, item.frames[::-1].copy())
+
 
 def evidence_mask(frames: np.ndarray, grid: int = 14, threshold: int = 24) -> np.ndarray:
     """bool [T, grid*grid]: the token cells where a frame differs from the clip's per-pixel median frame.

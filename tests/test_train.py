@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,3 +66,17 @@ def test_the_early_steps_draw_from_their_own_frame_mix():
     rng = random.Random(0)
     counts = [len(sample_batch(rng, step, settings)[0].frames) for step in range(6)]
     assert counts == [8, 8, 8, 16, 16, 16]
+
+
+def test_reversed_twins_follow_their_items_in_the_batch_and_fill_it_exactly():
+    settings = TrainSettings(batch_size=4, task_weights=(0, 1.0, 0, 0, 0, 0), reversed_twins=True)
+    batch = sample_batch(random.Random(0), 0, settings)
+    assert [item.id.endswith("-reversed") for item in batch] == [False, True, False, True]
+    for item, twin in (batch[0:2], batch[2:4]):
+        assert twin.id == item.id + "-reversed" and np.array_equal(twin.frames, item.frames[::-1])
+    static_only = TrainSettings(batch_size=3, task_weights=(1.0, 0, 0, 0, 0, 0), reversed_twins=True)
+    assert len({item.id for item in sample_batch(random.Random(0), 0, static_only)}) == 3  # no twin to add
+    odd = TrainSettings(batch_size=3, task_weights=(0, 0, 0, 0, 1.0, 0), reversed_twins=True)
+    assert [item.id.endswith("-reversed") for item in sample_batch(random.Random(0), 0, odd)] == [False, True, False]
+    plain = TrainSettings(batch_size=4, task_weights=(0, 1.0, 0, 0, 0, 0))
+    assert not any(item.id.endswith("-reversed") for item in sample_batch(random.Random(0), 0, plain))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from dycoke.videoqa import (
-    CHANCE, COLOURS, SPLIT_SEEDS, TASKS, TEST_ITEMS_PER_TASK, blank_like, export, is_correct, item_seed, items,
-    main, make_item, normalise,
+    CHANCE, COLOURS, ORDER_COLOURS, SPLIT_SEEDS, TASKS, TEST_ITEMS_PER_TASK, blank_like, export, is_correct,
+    item_seed, items, main, make_item, normalise, reversed_twin,
 )
 
 
@@ -67,14 +67,40 @@ def test_static_the_large_square_has_the_answers_colour():
         assert all(np.array_equal(frame, item.frames[0]) for frame in item.frames)
 
 
+def direction_shown(item) -> str:
+    """Which way the named circle's pixels move from the first frame to the last."""
+    colour = item.question.split()[-3]
+    centres = [np.argwhere(colour_mask(frame, colour)).mean(axis=0) for frame in (item.frames[0], item.frames[-1])]
+    dy, dx = centres[1] - centres[0]
+    assert max(abs(dx), abs(dy)) > 100
+    return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+
+
 def test_motion_the_named_circle_moves_the_answers_way():
     for index in range(8):
         item = make_item("test", "motion", index, 16)
-        colour = item.question.split()[-3]
-        centres = [np.argwhere(colour_mask(frame, colour)).mean(axis=0) for frame in (item.frames[0], item.frames[-1])]
-        dy, dx = centres[1] - centres[0]
-        expected = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
-        assert expected == item.answer and max(abs(dx), abs(dy)) > 100
+        assert direction_shown(item) == item.answer
+
+
+def first_shape_shown(item) -> str:
+    """The shape of `order` whose colour is on screen first."""
+    for frame in item.frames:
+        shown = [shape for shape, colour in ORDER_COLOURS.items() if colour_mask(frame, colour).sum() > 500]
+        if shown:
+            return shown[0]
+    raise AssertionError("no shape on screen")
+
+
+def test_reversed_twins_play_the_clip_backwards_and_answer_what_it_then_shows():
+    for index in range(8):
+        for task, shown in (("motion", direction_shown), ("order", first_shape_shown)):
+            item = make_item("train", task, index, 8 + 8 * (index % 3))
+            twin = reversed_twin(item)
+            assert np.array_equal(twin.frames, item.frames[::-1]) and twin.question == item.question
+            assert shown(item) == item.answer and shown(twin) == twin.answer != item.answer
+            assert is_correct(twin.response, twin) and not is_correct(item.response, twin)
+    for task in ("static", "needle", "count", "change"):
+        assert reversed_twin(make_item("train", task, 0, 8)) is None
 
 
 def test_needle_shows_the_answers_colour_in_one_to_three_frames():
