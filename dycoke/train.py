@@ -68,6 +68,10 @@ class TrainSettings:
     # A drawn `motion` or `order` item brings its time-reversed twin into the same batch (videoqa.reversed_twin):
     # the pair differs only in the direction of time, so the loss cannot fall through where the circle starts.
     reversed_twins: bool = False
+    # Reset the vision tower's position embeddings to sine-cosine at this RMS before training (None: keep them).
+    # The patch embedding's output grows to an RMS of 5-8 in training while the position table stays near its
+    # init of 0.1, so a trained tower barely sees where a patch is, and `motion` cannot be learned from it.
+    position_rms: float | None = None
 
 
 def build_word_tokenizer() -> PreTrainedTokenizerFast:
@@ -92,11 +96,15 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaOnevision
     model = model_class._from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    embeddings = model.model.vision_tower.embeddings
-    with torch.no_grad():
-        weight = embeddings.position_embedding.weight
-        weight.copy_(sincos_positions(int(math.isqrt(weight.shape[0])), weight.shape[1], weight.std().item()))
+    set_sincos_positions(model, model.model.vision_tower.embeddings.position_embedding.weight.std().item())
     return model
+
+
+def set_sincos_positions(model: LlavaOnevisionForConditionalGeneration, rms: float) -> None:
+    """Make the vision tower's position embeddings 2-D sine-cosine (`sincos_positions`) at `rms`."""
+    weight = model.model.vision_tower.embeddings.position_embedding.weight
+    with torch.no_grad():
+        weight.copy_(sincos_positions(int(math.isqrt(weight.shape[0])), weight.shape[1], rms))
 
 
 def sincos_positions(side: int, width: int, rms: float) -> torch.Tensor:
@@ -253,6 +261,8 @@ def train(out: Path, settings: TrainSettings, log_path: Path | None = None, init
     else:
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32,
                                                                        attn_implementation="sdpa")
+    if settings.position_rms is not None:
+        set_sincos_positions(model, settings.position_rms)
     history = fit(model, tokenizer, settings, log_path=log_path, out=out)
     final = validate(model, tokenizer, settings.eval_items)
     summary = {"steps": len(history), "minutes": round((time.monotonic() - started) / 60, 1), "validation": final,
@@ -294,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"sampling weights of the tasks ({','.join(TASKS)}), comma-separated (default equal)")
     parser.add_argument("--reversed-twins", action="store_true",
                         help="pair each motion and order item with its time-reversed twin in the batch")
+    parser.add_argument("--position-rms", type=float, default=None,
+                        help="reset the vision tower's position embeddings to 2-D sine-cosine at this RMS first")
     parser.add_argument("--item-offset", type=int, default=0,
                         help="first train-split item index (a continued run passes the items already seen)")
     args = parser.parse_args(argv)
@@ -307,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                              frame_mix=mix, warmup_steps=args.warmup_steps, save_every=args.save_every,
                              item_offset=args.item_offset, early_steps=args.early_steps,
                              early_frame_mix=early_mix, reversed_twins=args.reversed_twins,
+                             position_rms=args.position_rms,
                              task_weights=tuple(float(w) for w in args.task_weights.split(","))
                              if args.task_weights else TrainSettings.task_weights)
     summary = train(args.out, settings, args.log, args.init)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from dycoke.pipeline import encode_prompt
-from dycoke.train import Batch, TrainSettings, build_model, build_word_tokenizer, fit, sample_batch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from dycoke.train import Batch, TrainSettings, build_model, build_word_tokenizer, fit, sample_batch, train
 from dycoke.videoqa import TASKS, make_item
 
 
@@ -47,7 +49,25 @@ def test_the_vision_position_embeddings_start_as_2d_sine_cosine():
     """Patch (row, col) of SigLIP's 27 x 27 grid: the first quarter of the width is sin(row * w_k), then cos(row *
     w_k), sin(col * w_k), cos(col * w_k), with w_k = 10000^(-k / quarter); all scaled by one constant."""
     model = build_model(build_word_tokenizer(), seed=0)
-    table = model.model.vision_tower.embeddings.position_embedding.weight.detach().double()
+    check_sincos_table(model.model.vision_tower.embeddings.position_embedding.weight, 1 / math.sqrt(64))
+
+
+def test_position_rms_resets_a_trained_towers_table_to_sine_cosine_at_that_rms(tmp_path):
+    tokenizer = build_word_tokenizer()
+    model = build_model(tokenizer, seed=0)
+    table = model.model.vision_tower.embeddings.position_embedding.weight
+    with torch.no_grad():
+        table.normal_(0, 0.02)  # as a trained tower's table might be: small and not sine-cosine
+    model.save_pretrained(tmp_path / "init")
+    tokenizer.save_pretrained(tmp_path / "init")
+    train(tmp_path / "out", TrainSettings(max_steps=0, eval_items=1, threads=1, position_rms=3.0),
+          init=tmp_path / "init")
+    saved = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    check_sincos_table(saved.model.vision_tower.embeddings.position_embedding.weight, 3.0, tolerance=1e-2)
+
+
+def check_sincos_table(weight: torch.Tensor, rms: float, tolerance: float = 1e-6) -> None:
+    table = weight.detach().double()
     side, width = 27, table.shape[1]
     quarter = width // 4
     row, col, k = 5, 19, 3
@@ -56,8 +76,8 @@ def test_the_vision_position_embeddings_start_as_2d_sine_cosine():
     scale = entry[quarter + 0] / math.cos(row * 1.0)  # k = 0: cos(row * 1)
     expected = [math.sin(row * w), math.cos(row * w), math.sin(col * w), math.cos(col * w)]
     got = [entry[k], entry[quarter + k], entry[2 * quarter + k], entry[3 * quarter + k]]
-    assert [float(g / scale) for g in got] == pytest.approx(expected, abs=1e-6)
-    assert table.pow(2).mean().sqrt().item() == pytest.approx(1 / math.sqrt(64), rel=0.05)  # SigLIP's own init scale
+    assert [float(g / scale) for g in got] == pytest.approx(expected, abs=tolerance)
+    assert table.pow(2).mean().sqrt().item() == pytest.approx(rms, rel=0.05)  # SigLIP's own init scale by default
 
 
 def test_the_early_steps_draw_from_their_own_frame_mix():
