@@ -8,10 +8,9 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from dycoke.pipeline import encode_prompt
 from transformers import LlavaOnevisionForConditionalGeneration
 
+from dycoke.pipeline import encode_prompt
 from dycoke.train import Batch, TrainSettings, build_model, build_word_tokenizer, fit, sample_batch, train
 from dycoke.videoqa import TASKS, make_item
 
