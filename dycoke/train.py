@@ -70,7 +70,7 @@ class TrainSettings:
     reversed_twins: bool = False
     # Reset the vision tower's position embeddings to sine-cosine at this RMS before training (None: keep them).
     # The patch embedding's output grows to an RMS of 5-8 in training while the position table stays near its
-    # init of 0.1, so a trained tower barely sees where a patch is, and `motion` cannot be learned from it.
+    # init of 0.13, so a trained tower barely sees where a patch is, and `motion` cannot be learned from it.
     position_rms: float | None = None
 
 
