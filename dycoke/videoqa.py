@@ -38,13 +38,17 @@ COUNTS = ("1", "2", "3", "4")
 TASKS = ("static", "motion", "needle", "count", "order", "change")
 SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}  # disjoint: at most 10M items a split
 TEST_ITEMS_PER_TASK = 120  # divisible by 2, 4 and 6: every task's answers are exactly balanced
-# Chance accuracy of a model that sees no video and knows the answer set of each task.
 # The order task draws each shape in its own colour, so that it tests temporal order rather than the recognition of
 # a shape's outline from a few 27-pixel tokens, which a one-layer vision tower barely learns.
 ORDER_COLOURS = {"square": "blue", "circle": "green", "triangle": "red", "star": "yellow"}
 EVIDENCE_TASKS = ("motion", "needle", "count", "order")  # where `evidence_mask` marks the answer's tokens
 LIGHT_SIZE = 112  # the count task's light: one size, so every flash lights the same number of tokens
+# Chance accuracy of a model that sees no video and knows the answer set of each task.
 CHANCE = {"static": 1 / 6, "motion": 1 / 4, "needle": 1 / 6, "count": 1 / 4, "order": 1 / 2, "change": 1 / 6}
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+MOTION_RESPONSE = "it moves {}"
+ORDER_QUESTION = "Which appeared first, the {} or the {}?"
+ORDER_RESPONSE = "the {} came first"
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,6 @@ def blank_like(item: Item) -> Item:
                 np.full_like(item.frames, 128))
 
 
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-
-
 def reversed_twin(item: Item) -> Item | None:
     """The item's clip played backwards with the answer that clip has, where the suite can say it: the circle of
     `motion` then moves the opposite way, and in `order` the other shape comes first. None for the other tasks.
@@ -124,11 +125,11 @@ def reversed_twin(item: Item) -> Item | None:
     every single-frame cue (where the circle starts, which shapes are on screen) is the same in both."""
     if item.task == "motion":
         answer = OPPOSITE[item.answer]
-        response = f"it moves {answer}"
+        response = MOTION_RESPONSE.format(answer)
     elif item.task == "order":
-        named = re.fullmatch(r"Which appeared first, the (\w+) or the (\w+)\?", item.question).groups()
+        named = re.fullmatch(ORDER_QUESTION.format(r"(\w+)", r"(\w+)").replace("?", r"\?"), item.question).groups()
         answer = named[1] if named[0] == item.answer else named[0]
-        response = f"the {answer} came first"
+        response = ORDER_RESPONSE.format(answer)
     else:
         return None
     return Item(item.id + "-reversed", item.task, item.question, answer, response, item.frames[::-1].copy())
@@ -252,7 +253,8 @@ def _draw_motion(rng: np.random.Generator, index: int, num_frames: int) -> tuple
         position = start + (step[0] + step[1]) * travel * t / (num_frames - 1)
         centre = (position, across) if step[0] else (across, position)
         frames.append(_scene(rng, background, distractors + [("circle", centre, size, COLOURS[colour])]))
-    return (f"Which way does the {colour} circle move?", direction, f"it moves {direction}", np.stack(frames))
+    return (f"Which way does the {colour} circle move?", direction, MOTION_RESPONSE.format(direction),
+            np.stack(frames))
 
 
 def _busy_background(rng: np.random.Generator, background: tuple[int, int, int]) -> tuple[list, list]:
@@ -314,7 +316,7 @@ def _draw_order(rng: np.random.Generator, index: int, num_frames: int) -> tuple:
     frames = np.repeat(empty[None], num_frames, axis=0)
     frames[start_first:start_first + length] = _scene(rng, background, [shown[0]])
     frames[start_second:start_second + length] = _scene(rng, background, [shown[1]])
-    return (f"Which appeared first, the {named[0]} or the {named[1]}?", first, f"the {first} came first", frames)
+    return (ORDER_QUESTION.format(*named), first, ORDER_RESPONSE.format(first), frames)
 
 
 def _draw_change(rng: np.random.Generator, index: int, num_frames: int) -> tuple:
