@@ -59,7 +59,7 @@ class TrainSettings:
     seed: int = 0
     threads: int = 2
     save_every: int = 0  # steps between checkpoints written to the output folder (0: only at the end)
-    item_offset: int = 0  # first train-split index; a continued run starts past the items already seen
+    item_offset: int = 0  # each task's first train-split index; a continued run starts past those seen
     task_weights: tuple[float, ...] = (1.0,) * len(TASKS)  # sampling weight of each task, in TASKS order
     # The first `early_steps` draw from `early_frame_mix`: short clips are cheap steps, and a model from scratch
     # spends its first hundreds of steps learning to read the frames at all, which it learns as well from 8.
@@ -156,16 +156,28 @@ class Batch:
         return torch.nn.functional.cross_entropy(logits, torch.cat(self.targets))
 
 
-def sample_batch(rng: random.Random, step: int, settings: TrainSettings) -> list[Item]:
+class ItemStream:
+    """Train-split items of each task in index order, from index `first`: each task's answers cycle as its
+    drawer balances them over consecutive indices, whatever share of each batch the task and its twins take.
+
+    (Numbering items by their slot in the batch instead, as this module once did, gave a `motion` item drawn
+    with its twin only the first two slots' indices, so only `left` and `right` clips were ever trained.)"""
+
+    def __init__(self, first: int = 0) -> None:
+        self.next_index = dict.fromkeys(TASKS, first)
+
+    def draw(self, task: str, num_frames: int) -> Item:
+        index = self.next_index[task]
+        self.next_index[task] += 1
+        return make_item("train", task, index, num_frames)
+
+
+def sample_batch(rng: random.Random, step: int, settings: TrainSettings, stream: ItemStream) -> list[Item]:
     frame_counts, weights = zip(*(settings.early_frame_mix if step < settings.early_steps else settings.frame_mix))
     num_frames = rng.choices(frame_counts, weights)[0]
-    base = settings.item_offset + step * settings.batch_size
-    tasks = rng.choices(TASKS, settings.task_weights, k=settings.batch_size)
     chosen: list[Item] = []
-    for k, task in enumerate(tasks):
-        if len(chosen) == settings.batch_size:
-            break
-        chosen.append(make_item("train", task, base + k, num_frames))
+    while len(chosen) < settings.batch_size:
+        chosen.append(stream.draw(rng.choices(TASKS, settings.task_weights)[0], num_frames))
         twin = reversed_twin(chosen[-1]) if settings.reversed_twins else None
         if twin is not None and len(chosen) < settings.batch_size:
             chosen.append(twin)
@@ -218,12 +230,13 @@ def fit(model, tokenizer, settings: TrainSettings, pool: list[Item] | None = Non
     budget_s = settings.minutes * 60
     started = time.monotonic()
     history: list[dict] = []
+    stream = ItemStream(settings.item_offset)
     # The step budget follows the measured pace, so the cosine schedule ends near the time budget.
     total_steps = settings.max_steps
     progress = tqdm(total=total_steps, desc="training", unit="step", file=sys.stderr, mininterval=5)
     step = 0
     while step < total_steps and time.monotonic() - started < budget_s:
-        chosen = rng.sample(pool, settings.batch_size) if pool else sample_batch(rng, step, settings)
+        chosen = rng.sample(pool, settings.batch_size) if pool else sample_batch(rng, step, settings, stream)
         loss = Batch(model, tokenizer, chosen).loss(model)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -307,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--position-rms", type=float, default=None,
                         help="reset the vision tower's position embeddings to 2-D sine-cosine at this RMS first")
     parser.add_argument("--item-offset", type=int, default=0,
-                        help="first train-split item index (a continued run passes the items already seen)")
+                        help="each task's first train-split item index (a continued run passes at least the earlier run's "
+                             "offset + steps x batch size, past every item it drew)")
     args = parser.parse_args(argv)
     mix, early_mix = (tuple((int(frames), float(share)) for frames, share in
                             (pair.split(":") for pair in text.split(","))) for text in (args.frame_mix,

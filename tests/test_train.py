@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from dycoke.pipeline import encode_prompt
-from dycoke.train import Batch, TrainSettings, build_model, build_word_tokenizer, fit, sample_batch, train
+from dycoke.train import (Batch, ItemStream, TrainSettings, build_model, build_word_tokenizer, fit, sample_batch,
+                          train)
 from dycoke.videoqa import TASKS, make_item
+from test_videoqa import direction_shown  # the clip's direction, read from its pixels
 
 
 def test_the_tokenizer_knows_every_word_of_the_suite():
@@ -83,19 +86,33 @@ def test_the_early_steps_draw_from_their_own_frame_mix():
     settings = TrainSettings(batch_size=1, frame_mix=((16, 1.0),), early_steps=3, early_frame_mix=((8, 1.0),),
                              task_weights=(1.0, 0, 0, 0, 0, 0))
     rng = random.Random(0)
-    counts = [len(sample_batch(rng, step, settings)[0].frames) for step in range(6)]
+    stream = ItemStream()
+    counts = [len(sample_batch(rng, step, settings, stream)[0].frames) for step in range(6)]
     assert counts == [8, 8, 8, 16, 16, 16]
 
 
 def test_reversed_twins_follow_their_items_in_the_batch_and_fill_it_exactly():
     settings = TrainSettings(batch_size=4, task_weights=(0, 1.0, 0, 0, 0, 0), reversed_twins=True)
-    batch = sample_batch(random.Random(0), 0, settings)
+    batch = sample_batch(random.Random(0), 0, settings, ItemStream())
     assert [item.id.endswith("-reversed") for item in batch] == [False, True, False, True]
     for item, twin in (batch[0:2], batch[2:4]):
         assert twin.id == item.id + "-reversed" and np.array_equal(twin.frames, item.frames[::-1])
     static_only = TrainSettings(batch_size=3, task_weights=(1.0, 0, 0, 0, 0, 0), reversed_twins=True)
-    assert len({item.id for item in sample_batch(random.Random(0), 0, static_only)}) == 3  # no twin to add
+    assert len({item.id for item in sample_batch(random.Random(0), 0, static_only, ItemStream())}) == 3  # no twin to add
     odd = TrainSettings(batch_size=3, task_weights=(0, 0, 0, 0, 1.0, 0), reversed_twins=True)
-    assert [item.id.endswith("-reversed") for item in sample_batch(random.Random(0), 0, odd)] == [False, True, False]
+    assert [item.id.endswith("-reversed") for item in sample_batch(random.Random(0), 0, odd, ItemStream())] == [False, True, False]
     plain = TrainSettings(batch_size=4, task_weights=(0, 1.0, 0, 0, 0, 0))
-    assert not any(item.id.endswith("-reversed") for item in sample_batch(random.Random(0), 0, plain))
+    assert not any(item.id.endswith("-reversed") for item in sample_batch(random.Random(0), 0, plain, ItemStream()))
+
+
+def test_motion_batches_with_twins_train_every_direction_equally():
+    """With twins, each drawn `motion` item shares the batch with its reversed clip. Over eight batches the clips
+    must still move in all four directions equally often (read from the pixels), each item drawn once."""
+    settings = TrainSettings(batch_size=4, task_weights=(0, 1.0, 0, 0, 0, 0), reversed_twins=True,
+                             frame_mix=((8, 1.0),))
+    rng, stream = random.Random(0), ItemStream()
+    batches = [sample_batch(rng, step, settings, stream) for step in range(8)]
+    drawn = [item for batch in batches for item in batch if not item.id.endswith("-reversed")]
+    assert len({item.id for item in drawn}) == len(drawn) == 16
+    shown = Counter(direction_shown(item) for batch in batches for item in batch)
+    assert shown == {"left": 8, "right": 8, "up": 8, "down": 8}, shown
