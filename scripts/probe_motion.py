@@ -3,6 +3,7 @@
     python scripts/probe_motion.py positions assets/models/tiny             # linear probe of position, ~1 min
     python scripts/probe_motion.py positions assets/models/tiny --rms 1.5   # the same after a sine-cosine reset
     python scripts/probe_motion.py answers assets/models/tiny --frames 16   # which way it says, axis and sign
+    python scripts/probe_motion.py probabilities assets/models/tiny --frames 8   # each direction word's probability
 
 `positions` fits a least-squares map from each visual token's features (what the language model receives) to the
 token's row and column on the 14 x 14 grid, on three quarters of the tokens of 12 validation `motion` clips, and
@@ -25,9 +26,9 @@ from transformers import LlavaOnevisionForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dycoke.models import IMAGE_SIZE  # noqa: E402
-from dycoke.train import build_word_tokenizer, greedy_response, set_sincos_positions  # noqa: E402
+from dycoke.train import Batch, build_word_tokenizer, greedy_response, set_sincos_positions  # noqa: E402
 from dycoke.video import to_pixel_values  # noqa: E402
-from dycoke.videoqa import evidence_mask, make_item, normalise  # noqa: E402
+from dycoke.videoqa import DIRECTIONS, evidence_mask, make_item, normalise  # noqa: E402
 
 AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
 
@@ -82,9 +83,29 @@ def answers(model, frames: int, count: int) -> None:
     print("answer -> reply:", ", ".join(f"{a}->{r} {n}" for (a, r), n in sorted(said.items())))
 
 
+def probabilities(model, frames: int, count: int) -> None:
+    """The language model's probability of each direction word where the reply names it, by the clip's direction:
+    which axis and which sign it has learned, before greedy decoding hides it."""
+    tokenizer = build_word_tokenizer()
+    word_ids = [tokenizer.convert_tokens_to_ids(word) for word in DIRECTIONS]
+    by_answer: dict[str, list[np.ndarray]] = {direction: [] for direction in DIRECTIONS}
+    for index in range(count):
+        item = make_item("validation", "motion", index, frames)
+        batch = Batch(model, tokenizer, [item])
+        with torch.no_grad():
+            hidden = model.model.language_model(inputs_embeds=batch.embeds, use_cache=False).last_hidden_state
+            logits = model.lm_head(hidden[0, batch.positions[0]])
+        where = batch.targets[0].tolist().index(tokenizer.convert_tokens_to_ids(item.answer))
+        by_answer[item.answer].append(logits[where].softmax(-1)[word_ids].numpy())
+    print(f"{count} items at {frames} frames; mean probability of each word, by the clip's direction:")
+    print("clip   " + " ".join(f"{word:>6}" for word in DIRECTIONS))
+    for direction, rows in by_answer.items():
+        print(f"{direction:<6} " + " ".join(f"{p:6.2f}" for p in np.mean(rows, axis=0)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["positions", "answers"])
+    parser.add_argument("probe", choices=["positions", "answers", "probabilities"])
     parser.add_argument("model", type=Path, help="a checkpoint directory")
     parser.add_argument("--rms", type=float, default=None, help="reset the position table to sine-cosine first")
     parser.add_argument("--frames", type=int, default=16)
@@ -96,8 +117,10 @@ def main() -> int:
         set_sincos_positions(model, args.rms)
     if args.probe == "positions":
         positions(model)
-    else:
+    elif args.probe == "answers":
         answers(model, args.frames, args.items)
+    else:
+        probabilities(model, args.frames, args.items)
     return 0
 
 
