@@ -149,11 +149,13 @@ class Batch:
         length = max(row.shape[0] for row in rows)
         self.embeds = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, length - row.shape[0])) for row in rows])
 
-    def loss(self, model) -> torch.Tensor:
+    def logits(self, model) -> torch.Tensor:
+        """The logits at every response position of every item, concatenated in batch order: [sum of lengths, V]."""
         hidden = model.model.language_model(inputs_embeds=self.embeds, use_cache=False).last_hidden_state
-        picked = torch.cat([hidden[b, positions] for b, positions in enumerate(self.positions)])
-        logits = model.lm_head(picked)
-        return torch.nn.functional.cross_entropy(logits, torch.cat(self.targets))
+        return model.lm_head(torch.cat([hidden[b, positions] for b, positions in enumerate(self.positions)]))
+
+    def loss(self, model) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.logits(model), torch.cat(self.targets))
 
 
 class ItemStream:

@@ -93,8 +93,7 @@ def probabilities(model, frames: int, count: int) -> None:
         item = make_item("validation", "motion", index, frames)
         batch = Batch(model, tokenizer, [item])
         with torch.no_grad():
-            hidden = model.model.language_model(inputs_embeds=batch.embeds, use_cache=False).last_hidden_state
-            logits = model.lm_head(hidden[0, batch.positions[0]])
+            logits = batch.logits(model)
         where = batch.targets[0].tolist().index(tokenizer.convert_tokens_to_ids(item.answer))
         by_answer[item.answer].append(logits[where].softmax(-1)[word_ids].numpy())
     print(f"{count} items at {frames} frames; mean probability of each word, by the clip's direction:")
