@@ -1,16 +1,22 @@
 """Why DyCoke at K = 0.3 fails on the trained `tiny` model: a probe of the visual token count, not of TTM's choice.
 
     nice -n 10 python scripts/probe_ttm_length.py            # a few minutes on two busy cores
+    python scripts/probe_ttm_length.py --model R2 --tasks 8  # per task, TTM's positions against none
 
 For a `static` test item (16 identical frames) it prints the teacher-forced margin of the right colour word after
 "the square is" (gold logit minus the best other logit; below 0 the answer is wrong), for:
 1. TTM's own mask at several K, with the pipeline's contiguous positions and with the positions the kept tokens have
    in the uncompressed layout (holes where tokens were dropped);
 2. masks that are not TTM's at all: anchors whole and every other frame a prefix of n tokens, for n around 137.
+
+With `--tasks N` it scores instead the first N test items of `motion`, `needle` and `count` at 16 frames: how many
+have a positive margin (the answer word wins once the rest of the sentence is given) with every token, with TTM's
+tokens at the pipeline's contiguous positions, and with TTM's tokens at their uncompressed positions.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -52,12 +58,12 @@ def prefixes(per_frame: int, window: int = 4):
 
 
 def margin(pipeline: Pipeline, item, method: Method, positions: str = "compact") -> tuple[str, float, int]:
-    """(top word, gold margin, visual tokens) after the teacher-forced "the square is"."""
+    """(top word, gold margin, visual tokens) after the teacher-forced words before the answer ("the square is")."""
     model, tokenizer = pipeline.loaded.model, pipeline.loaded.tokenizer
     before, after = pipeline.loaded.family.prompt_ids(tokenizer, item.question)
     with torch.inference_mode():
         prepared = pipeline.prepare(item_clip(item), (before, after), method, DyCokeConfig())
-        forced = tokenizer(item.response.rsplit(" ", 1)[0], add_special_tokens=False).input_ids
+        forced = tokenizer(item.response[:item.response.rindex(item.answer)], add_special_tokens=False).input_ids
         embeds = torch.cat([prepared.embeds, model.get_input_embeddings()(torch.tensor([forced]))], dim=1)
         mask = prepared.keep_mask.flatten()
         length, visual, start = embeds.shape[1], int(mask.sum()), len(before)
@@ -74,9 +80,32 @@ def margin(pipeline: Pipeline, item, method: Method, positions: str = "compact")
     return tokenizer.decode([int(logits.argmax())]), round(float(logits[gold] - others.max()), 2), visual
 
 
+def every_token(features: torch.Tensor) -> torch.Tensor:
+    return torch.ones(features.shape[:2], dtype=torch.bool)
+
+
+def score_tasks(pipeline: Pipeline, per_task: int) -> None:
+    ttm = FixedMask(lambda features: temporal_keep_mask(features, 0.7, 4))
+    variants = {"every token": (FixedMask(every_token), "compact"), "TTM, contiguous": (ttm, "compact"),
+                "TTM, uncompressed positions": (ttm, "original")}
+    for task in ("motion", "needle", "count"):
+        right = dict.fromkeys(variants, 0)
+        for index in range(per_task):
+            item = make_item("test", task, index, 16)
+            for name, (method, positions) in variants.items():
+                right[name] += margin(pipeline, item, method, positions)[1] > 0
+        print(task, ", ".join(f"{name}: {count}/{per_task}" for name, count in right.items()), flush=True)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny or a checkpoint directory")
+    parser.add_argument("--tasks", type=int, default=0, metavar="N", help="score N items per temporal task")
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    pipeline = Pipeline(load("tiny"))
+    pipeline = Pipeline(load(args.model))
+    if args.tasks:
+        return score_tasks(pipeline, args.tasks)
     item = make_item("test", "static", 0, 16)
     print(f"{item.id}: {item.question} -> {item.answer}")
     for ratio in (0.25, 0.3, 0.35, 0.5):
