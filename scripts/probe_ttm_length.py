@@ -80,12 +80,16 @@ def margin(pipeline: Pipeline, item, method: Method, positions: str = "compact")
     return tokenizer.decode([int(logits.argmax())]), round(float(logits[gold] - others.max()), 2), visual
 
 
+def ttm_at(ratio: float) -> FixedMask:
+    return FixedMask(lambda features: temporal_keep_mask(features, ratio, 4))
+
+
 def every_token(features: torch.Tensor) -> torch.Tensor:
     return torch.ones(features.shape[:2], dtype=torch.bool)
 
 
 def score_tasks(pipeline: Pipeline, per_task: int) -> None:
-    ttm = FixedMask(lambda features: temporal_keep_mask(features, 0.7, 4))
+    ttm = ttm_at(0.7)
     variants = {"every token": (FixedMask(every_token), "compact"), "TTM, contiguous": (ttm, "compact"),
                 "TTM, uncompressed positions": (ttm, "original")}
     for task in ("motion", "needle", "count"):
@@ -109,7 +113,7 @@ def main() -> None:
     item = make_item("test", "static", 0, 16)
     print(f"{item.id}: {item.question} -> {item.answer}")
     for ratio in (0.25, 0.3, 0.35, 0.5):
-        ttm = FixedMask(lambda features, k=ratio: temporal_keep_mask(features, k, 4))
+        ttm = ttm_at(ratio)
         for positions in ("compact", "original"):
             print(f"TTM K={ratio} {positions:8s} positions:", margin(pipeline, item, ttm, positions), flush=True)
     for per_frame in (135, 136, 137, 138, 139):
