@@ -7,7 +7,10 @@ patch 14, the projector, 2x2 bilinear pooling to 196 tokens per frame, the newli
 language model with a word-level tokenizer. Every example goes through the same prompt as the pipeline
 (`encode_prompt`: system turn, the frame tokens, the newline token, the question, the assistant turn), and the
 loss is on the response tokens only. Training is plain: no compression method is ever applied, so whatever
-DyCoke keeps of the accuracy it keeps without having been trained for it.
+DyCoke keeps of the accuracy it keeps without having been trained for it. The one option that touches what
+pruning touches is `--position-thinning`: it never removes a token, but gives some batches' visual tokens
+sparser position ids (`thinned_positions`), so that the model cannot read where a patch is from its rotary
+position alone and has to read it from the token (docs/motion-finding.md, section 8).
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class TrainSettings:
     # The patch embedding's output grows to an RMS of 5-8 in training while the position table stays near its
     # init of 0.13, so a trained tower barely sees where a patch is, and `motion` cannot be learned from it.
     position_rms: float | None = None
+    # The share of batches whose visual tokens get thinned position ids, and the lowest per-frame keep rate.
+    position_thinning: float = 0.0
+    thinning_min_keep: float = 0.25
 
 
 def build_word_tokenizer() -> PreTrainedTokenizerFast:
@@ -130,7 +136,8 @@ def sincos_positions(side: int, width: int, rms: float) -> torch.Tensor:
 class Batch:
     """Prompt embeddings of a few items with the same frame count, right-padded, and their response targets."""
 
-    def __init__(self, model, tokenizer, batch: list[Item]) -> None:
+    def __init__(self, model, tokenizer, batch: list[Item], thinning: random.Random | None = None,
+                 min_keep: float = 0.25) -> None:
         pixels = torch.stack([to_pixel_values(item.frames, IMAGE_SIZE) for item in batch])
         features = model.get_video_features(
             pixel_values_videos=pixels, vision_feature_layer=model.config.vision_feature_layer,
@@ -148,14 +155,31 @@ class Batch:
             self.targets.append(torch.tensor(response))
         length = max(row.shape[0] for row in rows)
         self.embeds = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, length - row.shape[0])) for row in rows])
+        self.position_ids = None if thinning is None else torch.stack([
+            thinned_positions(thinning, len(encode_prompt(tokenizer, item.question)[0]), len(item.frames),
+                              (features.shape[1] - 1) // len(item.frames), length, min_keep) for item in batch])
 
     def logits(self, model) -> torch.Tensor:
         """The logits at every response position of every item, concatenated in batch order: [sum of lengths, V]."""
-        hidden = model.model.language_model(inputs_embeds=self.embeds, use_cache=False).last_hidden_state
+        hidden = model.model.language_model(inputs_embeds=self.embeds, position_ids=self.position_ids,
+                                            use_cache=False).last_hidden_state
         return model.lm_head(torch.cat([hidden[b, positions] for b, positions in enumerate(self.positions)]))
 
     def loss(self, model) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(self.logits(model), torch.cat(self.targets))
+
+
+def thinned_positions(rng: random.Random, prefix: int, frames: int, per_frame: int, length: int,
+                      min_keep: float) -> torch.Tensor:
+    """Position ids for a row of `length`: the prefix's as usual, then each frame's tokens step forward with a
+    probability drawn per frame from [min_keep, 1] (ties allowed, the first token of a frame always steps), then
+    the rest as usual from there. Every token stays; only the rotary distances between patches change."""
+    steps = [1] * prefix
+    for _ in range(frames):
+        keep = rng.uniform(min_keep, 1.0)
+        steps += [1] + [int(rng.random() < keep) for _ in range(per_frame - 1)]
+    steps += [1] * (length - len(steps))
+    return torch.tensor(steps).cumsum(0) - 1
 
 
 class ItemStream:
@@ -233,13 +257,15 @@ def fit(model, tokenizer, settings: TrainSettings, pool: list[Item] | None = Non
     started = time.monotonic()
     history: list[dict] = []
     stream = ItemStream(settings.item_offset)
+    thinning = random.Random(settings.seed + 1)  # its own stream: the batches drawn do not depend on it
     # The step budget follows the measured pace, so the cosine schedule ends near the time budget.
     total_steps = settings.max_steps
     progress = tqdm(total=total_steps, desc="training", unit="step", file=sys.stderr, mininterval=5)
     step = 0
     while step < total_steps and time.monotonic() - started < budget_s:
         chosen = rng.sample(pool, settings.batch_size) if pool else sample_batch(rng, step, settings, stream)
-        loss = Batch(model, tokenizer, chosen).loss(model)
+        thin = settings.position_thinning and thinning.random() < settings.position_thinning
+        loss = Batch(model, tokenizer, chosen, thinning if thin else None, settings.thinning_min_keep).loss(model)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -321,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="pair each motion and order item with its time-reversed twin in the batch")
     parser.add_argument("--position-rms", type=float, default=None,
                         help="reset the vision tower's position embeddings to 2-D sine-cosine at this RMS first")
+    parser.add_argument("--position-thinning", type=float, default=0.0,
+                        help="the share of batches whose visual tokens get sparser position ids (no token is removed)")
+    parser.add_argument("--thinning-min-keep", type=float, default=TrainSettings.thinning_min_keep,
+                        help="the lowest per-frame rate at which a thinned frame's position ids step forward")
     parser.add_argument("--item-offset", type=int, default=0,
                         help="each task's first train-split item index (a continued run passes at least the earlier run's "
                              "offset + steps x batch size, past every item it drew)")
@@ -335,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                              frame_mix=mix, warmup_steps=args.warmup_steps, save_every=args.save_every,
                              item_offset=args.item_offset, early_steps=args.early_steps,
                              early_frame_mix=early_mix, reversed_twins=args.reversed_twins,
-                             position_rms=args.position_rms,
+                             position_rms=args.position_rms, position_thinning=args.position_thinning,
+                             thinning_min_keep=args.thinning_min_keep,
                              task_weights=tuple(float(w) for w in args.task_weights.split(","))
                              if args.task_weights else TrainSettings.task_weights)
     summary = train(args.out, settings, args.log, args.init)

@@ -13,7 +13,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from dycoke.pipeline import encode_prompt
 from dycoke.train import (Batch, ItemStream, TrainSettings, build_model, build_word_tokenizer, fit, sample_batch,
-                          train)
+                          thinned_positions, train)
 from dycoke.videoqa import TASKS, make_item
 from test_videoqa import direction_shown  # the clip's direction, read from its pixels
 
@@ -116,3 +116,29 @@ def test_motion_batches_with_twins_train_every_direction_equally():
     assert len({item.id for item in drawn}) == len(drawn) == 16
     shown = Counter(direction_shown(item) for batch in batches for item in batch)
     assert shown == {"left": 8, "right": 8, "up": 8, "down": 8}, shown
+
+
+def test_thinned_positions_keep_the_text_contiguous_and_only_thin_the_frames():
+    prefix, frames, per_frame, length = 5, 3, 10, 50
+    ids = thinned_positions(random.Random(3), prefix, frames, per_frame, length, min_keep=0.25).tolist()
+    steps = np.diff([-1] + ids)
+    assert len(ids) == length and ids[:prefix] == list(range(prefix))
+    assert set(steps) <= {0, 1}
+    frame_steps = steps[prefix:prefix + frames * per_frame].reshape(frames, per_frame)
+    assert (frame_steps[:, 0] == 1).all() and (frame_steps[:, 1:] == 0).any()  # a frame's first token always steps
+    assert (steps[prefix + frames * per_frame:] == 1).all()  # the newline, question and answer as usual
+    assert thinned_positions(random.Random(3), prefix, frames, per_frame, length, 1.0).tolist() == list(range(length))
+
+
+def test_thinning_at_full_keep_changes_nothing_and_below_it_changes_the_logits():
+    tokenizer = build_word_tokenizer()
+    model = build_model(tokenizer, seed=0).eval()
+    items = [make_item("train", "motion", 0, 8), make_item("train", "count", 1, 8)]
+    with torch.no_grad():
+        plain = Batch(model, tokenizer, items).logits(model)
+        full = Batch(model, tokenizer, items, random.Random(0), min_keep=1.0).logits(model)
+        thinned = Batch(model, tokenizer, items, random.Random(0), min_keep=0.25)
+        assert torch.equal(plain, full)
+        assert thinned.position_ids.shape == thinned.embeds.shape[:2]
+        assert thinned.position_ids[0, -1] < thinned.embeds.shape[1] - 1  # the row ends earlier in position
+        assert not torch.allclose(plain, thinned.logits(model))
