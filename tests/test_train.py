@@ -142,3 +142,17 @@ def test_thinning_at_full_keep_changes_nothing_and_below_it_changes_the_logits()
         assert thinned.position_ids.shape == thinned.embeds.shape[:2]
         assert thinned.position_ids[0, -1] < thinned.embeds.shape[1] - 1  # the row ends earlier in position
         assert not torch.allclose(plain, thinned.logits(model))
+
+
+def test_per_row_thinning_varies_the_rate_between_rows_of_a_frame():
+    """One rate per frame leaves every row of a frame stepping at about the same rate; one rate per row does not."""
+    frames, side = 40, 14
+
+    def row_spread(per_row: bool) -> float:
+        ids = thinned_positions(random.Random(7), 0, frames, side * side, frames * side * side, 0.1, per_row)
+        steps = np.diff([-1] + ids.tolist()).reshape(frames, side, side)[:, :, 1:]  # each row's first token skipped
+        return float(steps.mean(axis=2).std(axis=1).mean())  # spread of the row rates within a frame
+
+    assert row_spread(per_row=True) > 2 * row_spread(per_row=False)
+    full = thinned_positions(random.Random(7), 3, 2, 16, 40, 1.0, per_row=True)
+    assert full.tolist() == list(range(40))
