@@ -7,10 +7,11 @@ patch 14, the projector, 2x2 bilinear pooling to 196 tokens per frame, the newli
 language model with a word-level tokenizer. Every example goes through the same prompt as the pipeline
 (`encode_prompt`: system turn, the frame tokens, the newline token, the question, the assistant turn), and the
 loss is on the response tokens only. Training is plain: no compression method is ever applied, so whatever
-DyCoke keeps of the accuracy it keeps without having been trained for it. The one option that touches what
-pruning touches is `--position-thinning`: it never removes a token, but gives some batches' visual tokens
-sparser position ids (`thinned_positions`), so that the model cannot read where a patch is from its rotary
-position alone and has to read it from the token (docs/motion-finding.md, section 8).
+DyCoke keeps of the accuracy it keeps without having been trained for it. The two options that touch what
+pruning touches never remove a token and follow no method's choice of tokens: `--position-thinning` gives some
+batches' visual tokens sparser position ids (`thinned_positions`), and `--frame-shuffle` puts some batches'
+tokens in a random order within each frame (`shuffled_within_frames`), so that the model cannot read where a
+patch is from its rotary position alone and has to read it from the token (docs/motion-finding.md, sections 8-9).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class TrainSettings:
     position_thinning: float = 0.0
     thinning_min_keep: float = 0.25
     thinning_per_row: bool = False  # one step rate per row of each frame's grid instead of one per frame
+    # The share of batches whose tokens are put in a random order within each frame (`shuffled_within_frames`).
+    frame_shuffle: float = 0.0
 
 
 def build_word_tokenizer() -> PreTrainedTokenizerFast:
@@ -138,12 +141,14 @@ class Batch:
     """Prompt embeddings of a few items with the same frame count, right-padded, and their response targets."""
 
     def __init__(self, model, tokenizer, batch: list[Item], thinning: random.Random | None = None,
-                 min_keep: float = 0.25, per_row: bool = False) -> None:
+                 min_keep: float = 0.25, per_row: bool = False, shuffle: random.Random | None = None) -> None:
         pixels = torch.stack([to_pixel_values(item.frames, IMAGE_SIZE) for item in batch])
         features = model.get_video_features(
             pixel_values_videos=pixels, vision_feature_layer=model.config.vision_feature_layer,
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         ).pooler_output  # [B, T*N + 1, D]: frame tokens, then the newline token
+        if shuffle is not None:
+            features = torch.stack([shuffled_within_frames(shuffle, row, len(batch[0].frames)) for row in features])
         embed = model.get_input_embeddings()
         rows, self.positions, self.targets = [], [], []
         for index, item in enumerate(batch):
@@ -184,6 +189,20 @@ def thinned_positions(rng: random.Random, prefix: int, frames: int, per_frame: i
         steps += [1] + [int(rng.random() < rates[index // side]) for index in range(1, per_frame)]
     steps += [1] * (length - len(steps))
     return torch.tensor(steps).cumsum(0) - 1
+
+
+def shuffled_within_frames(rng: random.Random, tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """`tokens` ([T*N + 1, D], frame-major, then the newline) with each frame's N tokens in a random order of
+    their own. Nothing is removed and the frames keep their order, but a patch's place in its frame's run no
+    longer says where it is in the picture, as after any pruning that compacts a frame's kept tokens; the
+    place is left to what the token holds (the tower's position table)."""
+    per_frame = (tokens.shape[0] - 1) // frames
+    order = []
+    for frame in range(frames):
+        slots = list(range(frame * per_frame, (frame + 1) * per_frame))
+        rng.shuffle(slots)
+        order += slots
+    return tokens[order + list(range(frames * per_frame, tokens.shape[0]))]
 
 
 class ItemStream:
@@ -262,6 +281,7 @@ def fit(model, tokenizer, settings: TrainSettings, pool: list[Item] | None = Non
     history: list[dict] = []
     stream = ItemStream(settings.item_offset)
     thinning = random.Random(settings.seed + 1)  # its own stream: the batches drawn do not depend on it
+    shuffling = random.Random(settings.seed + 2)
     # The step budget follows the measured pace, so the cosine schedule ends near the time budget.
     total_steps = settings.max_steps
     progress = tqdm(total=total_steps, desc="training", unit="step", file=sys.stderr, mininterval=5)
@@ -269,8 +289,9 @@ def fit(model, tokenizer, settings: TrainSettings, pool: list[Item] | None = Non
     while step < total_steps and time.monotonic() - started < budget_s:
         chosen = rng.sample(pool, settings.batch_size) if pool else sample_batch(rng, step, settings, stream)
         thin = settings.position_thinning and thinning.random() < settings.position_thinning
+        shuffle = settings.frame_shuffle and shuffling.random() < settings.frame_shuffle
         loss = Batch(model, tokenizer, chosen, thinning if thin else None, settings.thinning_min_keep,
-                     settings.thinning_per_row).loss(model)
+                     settings.thinning_per_row, shuffling if shuffle else None).loss(model)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -358,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the lowest per-frame rate at which a thinned frame's position ids step forward")
     parser.add_argument("--thinning-per-row", action="store_true",
                         help="draw the thinning's step rate per row of each frame's grid, not per frame")
+    parser.add_argument("--frame-shuffle", type=float, default=0.0,
+                        help="the share of batches whose tokens are put in a random order within each frame")
     parser.add_argument("--item-offset", type=int, default=0,
                         help="each task's first train-split item index (a continued run passes at least the earlier run's "
                              "offset + steps x batch size, past every item it drew)")
@@ -374,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                              early_frame_mix=early_mix, reversed_twins=args.reversed_twins,
                              position_rms=args.position_rms, position_thinning=args.position_thinning,
                              thinning_min_keep=args.thinning_min_keep, thinning_per_row=args.thinning_per_row,
+                             frame_shuffle=args.frame_shuffle,
                              task_weights=tuple(float(w) for w in args.task_weights.split(","))
                              if args.task_weights else TrainSettings.task_weights)
     summary = train(args.out, settings, args.log, args.init)

@@ -13,7 +13,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from dycoke.pipeline import encode_prompt
 from dycoke.train import (Batch, ItemStream, TrainSettings, build_model, build_word_tokenizer, fit, sample_batch,
-                          thinned_positions, train)
+                          shuffled_within_frames, thinned_positions, train)
 from dycoke.videoqa import TASKS, make_item
 from test_videoqa import direction_shown  # the clip's direction, read from its pixels
 
@@ -156,3 +156,27 @@ def test_per_row_thinning_varies_the_rate_between_rows_of_a_frame():
     assert row_spread(per_row=True) > 2 * row_spread(per_row=False)
     full = thinned_positions(random.Random(7), 3, 2, 16, 40, 1.0, per_row=True)
     assert full.tolist() == list(range(40))
+
+
+def test_frame_shuffle_reorders_tokens_only_within_their_frame():
+    frames, per_frame, width = 3, 6, 2
+    tokens = torch.stack([torch.arange(frames * per_frame + 1).float()] * width, dim=1)  # token i holds i
+    order = shuffled_within_frames(random.Random(1), tokens, frames)[:, 0].long().tolist()
+    assert order[-1] == frames * per_frame  # the newline stays last
+    for frame in range(frames):
+        run = order[frame * per_frame:(frame + 1) * per_frame]
+        assert sorted(run) == list(range(frame * per_frame, (frame + 1) * per_frame))
+    assert order != list(range(frames * per_frame + 1))
+
+
+def test_frame_shuffle_changes_the_logits_and_keeps_the_targets():
+    tokenizer = build_word_tokenizer()
+    model = build_model(tokenizer, seed=0).eval()
+    items = [make_item("train", "motion", 0, 8), make_item("train", "count", 1, 8)]
+    with torch.no_grad():
+        plain = Batch(model, tokenizer, items)
+        shuffled = Batch(model, tokenizer, items, shuffle=random.Random(0))
+        assert torch.equal(torch.cat(plain.targets), torch.cat(shuffled.targets))
+        assert plain.embeds.shape == shuffled.embeds.shape
+        assert torch.allclose(plain.embeds.sum(dim=1), shuffled.embeds.sum(dim=1), atol=1e-4)  # same tokens
+        assert not torch.allclose(plain.logits(model), shuffled.logits(model))
