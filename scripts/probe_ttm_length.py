@@ -9,14 +9,17 @@ For a `static` test item (16 identical frames) it prints the teacher-forced marg
    in the uncompressed layout (holes where tokens were dropped);
 2. masks that are not TTM's at all: anchors whole and every other frame a prefix of n tokens, for n around 137.
 
-With `--tasks N` it scores instead the first N test items of `motion`, `needle` and `count` at 16 frames: how many
-have a positive margin (the answer word wins once the rest of the sentence is given) with every token, with TTM's
-tokens at the pipeline's contiguous positions, and with TTM's tokens at their uncompressed positions.
+With `--tasks N` it scores instead the first N items (of `--split`, test by default) of `motion`, `needle` and
+`count` at 16 frames: how many have a positive margin (the answer word wins once the rest of the sentence is given)
+with every token, with every token but each frame's tokens in a random order (can the model tell where a patch is
+from the token alone?), with TTM's tokens at the pipeline's contiguous positions, and with TTM's tokens at their
+uncompressed positions.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from dycoke.eval import item_clip  # noqa: E402
 from dycoke.methods import Method  # noqa: E402
 from dycoke.models import load  # noqa: E402
 from dycoke.pipeline import Pipeline  # noqa: E402
+from dycoke.train import shuffled_within_frames  # noqa: E402
 from dycoke.ttm import temporal_keep_mask  # noqa: E402
 from dycoke.videoqa import make_item  # noqa: E402
 
@@ -58,7 +62,10 @@ def prefixes(per_frame: int, window: int = 4):
 
 
 def margin(pipeline: Pipeline, item, method: Method, positions: str = "compact") -> tuple[str, float, int]:
-    """(top word, gold margin, visual tokens) after the teacher-forced words before the answer ("the square is")."""
+    """(top word, gold margin, visual tokens) after the teacher-forced words before the answer ("the square is").
+
+    `positions`: "compact" (the pipeline's), "original" (each kept token at its uncompressed position) or
+    "shuffled" (every frame's tokens in a random order of their own, `train.shuffled_within_frames`)."""
     model, tokenizer = pipeline.loaded.model, pipeline.loaded.tokenizer
     before, after = pipeline.loaded.family.prompt_ids(tokenizer, item.question)
     with torch.inference_mode():
@@ -67,7 +74,11 @@ def margin(pipeline: Pipeline, item, method: Method, positions: str = "compact")
         embeds = torch.cat([prepared.embeds, model.get_input_embeddings()(torch.tensor([forced]))], dim=1)
         mask = prepared.keep_mask.flatten()
         length, visual, start = embeds.shape[1], int(mask.sum()), len(before)
-        if positions == "compact":  # what the pipeline feeds (DESIGN.md 2.1: one contiguous run)
+        if positions == "shuffled":
+            span = slice(start, start + visual + 1)  # the frames' tokens and the newline token after them
+            embeds[0, span] = shuffled_within_frames(random.Random(item.id), embeds[0, span],
+                                                     prepared.keep_mask.shape[0])
+        if positions in ("compact", "shuffled"):  # what the pipeline feeds (DESIGN.md 2.1: one contiguous run)
             position_ids = torch.arange(length)
         else:  # each kept token where it sits in the uncompressed prompt
             tail = start + mask.numel()
@@ -88,14 +99,15 @@ def every_token(features: torch.Tensor) -> torch.Tensor:
     return torch.ones(features.shape[:2], dtype=torch.bool)
 
 
-def score_tasks(pipeline: Pipeline, per_task: int) -> None:
+def score_tasks(pipeline: Pipeline, per_task: int, split: str = "test") -> None:
     ttm = ttm_at(0.7)
-    variants = {"every token": (FixedMask(every_token), "compact"), "TTM, contiguous": (ttm, "compact"),
-                "TTM, uncompressed positions": (ttm, "original")}
+    variants = {"every token": (FixedMask(every_token), "compact"),
+                "every token, shuffled within frames": (FixedMask(every_token), "shuffled"),
+                "TTM, contiguous": (ttm, "compact"), "TTM, uncompressed positions": (ttm, "original")}
     for task in ("motion", "needle", "count"):
         right = dict.fromkeys(variants, 0)
         for index in range(per_task):
-            item = make_item("test", task, index, 16)
+            item = make_item(split, task, index, 16)
             for name, (method, positions) in variants.items():
                 right[name] += margin(pipeline, item, method, positions)[1] > 0
         print(task, ", ".join(f"{name}: {count}/{per_task}" for name, count in right.items()), flush=True)
@@ -105,11 +117,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny or a checkpoint directory")
     parser.add_argument("--tasks", type=int, default=0, metavar="N", help="score N items per temporal task")
+    parser.add_argument("--split", default="test", help="the suite's split for --tasks (default test)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipeline = Pipeline(load(args.model))
     if args.tasks:
-        return score_tasks(pipeline, args.tasks)
+        return score_tasks(pipeline, args.tasks, args.split)
     item = make_item("test", "static", 0, 16)
     print(f"{item.id}: {item.question} -> {item.answer}")
     for ratio in (0.25, 0.3, 0.35, 0.5):
