@@ -79,6 +79,7 @@ class TrainSettings:
     # The share of batches whose visual tokens get thinned position ids, and the lowest per-frame keep rate.
     position_thinning: float = 0.0
     thinning_min_keep: float = 0.25
+    thinning_max_keep: float = 1.0
     thinning_per_row: bool = False  # one step rate per row of each frame's grid instead of one per frame
     # The share of batches whose tokens are put in a random order within each frame (`shuffled_within_frames`).
     frame_shuffle: float = 0.0
@@ -141,7 +142,8 @@ class Batch:
     """Prompt embeddings of a few items with the same frame count, right-padded, and their response targets."""
 
     def __init__(self, model, tokenizer, batch: list[Item], thinning: random.Random | None = None,
-                 min_keep: float = 0.25, per_row: bool = False, shuffle: random.Random | None = None) -> None:
+                 min_keep: float = 0.25, per_row: bool = False, shuffle: random.Random | None = None,
+                 max_keep: float = 1.0) -> None:
         pixels = torch.stack([to_pixel_values(item.frames, IMAGE_SIZE) for item in batch])
         features = model.get_video_features(
             pixel_values_videos=pixels, vision_feature_layer=model.config.vision_feature_layer,
@@ -163,7 +165,8 @@ class Batch:
         self.embeds = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, length - row.shape[0])) for row in rows])
         self.position_ids = None if thinning is None else torch.stack([
             thinned_positions(thinning, len(encode_prompt(tokenizer, item.question)[0]), len(item.frames),
-                              (features.shape[1] - 1) // len(item.frames), length, min_keep, per_row) for item in batch])
+                              (features.shape[1] - 1) // len(item.frames), length, min_keep, per_row, max_keep)
+            for item in batch])
 
     def logits(self, model) -> torch.Tensor:
         """The logits at every response position of every item, concatenated in batch order: [sum of lengths, V]."""
@@ -176,16 +179,16 @@ class Batch:
 
 
 def thinned_positions(rng: random.Random, prefix: int, frames: int, per_frame: int, length: int,
-                      min_keep: float, per_row: bool = False) -> torch.Tensor:
+                      min_keep: float, per_row: bool = False, max_keep: float = 1.0) -> torch.Tensor:
     """Position ids for a row of `length`: the prefix's as usual, then each frame's tokens step forward with a
-    probability drawn per frame (or, `per_row`, per row of the frame's square grid) from [min_keep, 1] (ties
+    probability drawn per frame (or, `per_row`, per row of the frame's square grid) from [min_keep, max_keep] (ties
     allowed, the first token of a frame always steps), then the rest as usual from there. Every token stays; only
     the rotary distances between patches change. With one rate per frame a patch's offset into its frame is still
     its place in the grid times a constant, which says where it is; one rate per row breaks that too."""
     side = math.isqrt(per_frame) if per_row else per_frame
     steps = [1] * prefix
     for _ in range(frames):
-        rates = [rng.uniform(min_keep, 1.0) for _ in range(per_frame // side)]
+        rates = [rng.uniform(min_keep, max_keep) for _ in range(per_frame // side)]
         steps += [1] + [int(rng.random() < rates[index // side]) for index in range(1, per_frame)]
     steps += [1] * (length - len(steps))
     return torch.tensor(steps).cumsum(0) - 1
@@ -291,7 +294,7 @@ def fit(model, tokenizer, settings: TrainSettings, pool: list[Item] | None = Non
         thin = settings.position_thinning and thinning.random() < settings.position_thinning
         shuffle = settings.frame_shuffle and shuffling.random() < settings.frame_shuffle
         loss = Batch(model, tokenizer, chosen, thinning if thin else None, settings.thinning_min_keep,
-                     settings.thinning_per_row, shuffling if shuffle else None).loss(model)
+                     settings.thinning_per_row, shuffling if shuffle else None, settings.thinning_max_keep).loss(model)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -377,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the share of batches whose visual tokens get sparser position ids (no token is removed)")
     parser.add_argument("--thinning-min-keep", type=float, default=TrainSettings.thinning_min_keep,
                         help="the lowest per-frame rate at which a thinned frame's position ids step forward")
+    parser.add_argument("--thinning-max-keep", type=float, default=TrainSettings.thinning_max_keep,
+                        help="the highest per-frame rate (TTM's non-anchor frames keep 0.3 of their tokens)")
     parser.add_argument("--thinning-per-row", action="store_true",
                         help="draw the thinning's step rate per row of each frame's grid, not per frame")
     parser.add_argument("--frame-shuffle", type=float, default=0.0,
@@ -385,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="each task's first train-split item index (a continued run passes at least the earlier run's "
                              "offset + steps x batch size, past every item it drew)")
     args = parser.parse_args(argv)
+    if not 0 < args.thinning_min_keep <= args.thinning_max_keep <= 1:
+        parser.error("need 0 < --thinning-min-keep <= --thinning-max-keep <= 1")
     mix, early_mix = (tuple((int(frames), float(share)) for frames, share in
                             (pair.split(":") for pair in text.split(","))) for text in (args.frame_mix,
                                                                                          args.early_frame_mix))
@@ -396,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                              item_offset=args.item_offset, early_steps=args.early_steps,
                              early_frame_mix=early_mix, reversed_twins=args.reversed_twins,
                              position_rms=args.position_rms, position_thinning=args.position_thinning,
-                             thinning_min_keep=args.thinning_min_keep, thinning_per_row=args.thinning_per_row,
+                             thinning_min_keep=args.thinning_min_keep, thinning_max_keep=args.thinning_max_keep,
+                             thinning_per_row=args.thinning_per_row,
                              frame_shuffle=args.frame_shuffle,
                              task_weights=tuple(float(w) for w in args.task_weights.split(","))
                              if args.task_weights else TrainSettings.task_weights)

@@ -12,7 +12,7 @@ import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from dycoke.pipeline import encode_prompt
-from dycoke.train import (Batch, ItemStream, TrainSettings, build_model, build_word_tokenizer, fit, sample_batch,
+from dycoke.train import (Batch, ItemStream, TrainSettings, build_model, build_word_tokenizer, fit, main, sample_batch,
                           shuffled_within_frames, thinned_positions, train)
 from dycoke.videoqa import TASKS, make_item
 from test_videoqa import direction_shown  # the clip's direction, read from its pixels
@@ -142,6 +142,25 @@ def test_thinning_at_full_keep_changes_nothing_and_below_it_changes_the_logits()
         assert thinned.position_ids.shape == thinned.embeds.shape[:2]
         assert thinned.position_ids[0, -1] < thinned.embeds.shape[1] - 1  # the row ends earlier in position
         assert not torch.allclose(plain, thinned.logits(model))
+
+
+def test_thinning_rates_stay_between_min_and_max_keep():
+    """Each frame's share of stepping tokens (its first one aside) is a binomial draw around a rate in [min, max]."""
+    frames, per_frame = 60, 196
+    ids = thinned_positions(random.Random(11), 0, frames, per_frame, frames * per_frame, 0.2, max_keep=0.45)
+    rates = np.diff([-1] + ids.tolist()).reshape(frames, per_frame)[:, 1:].mean(axis=1)
+    tolerance = 4 * math.sqrt(0.25 / (per_frame - 1))  # four binomial standard deviations at worst
+    assert rates.min() > 0.2 - tolerance and rates.max() < 0.45 + tolerance
+    assert rates.max() - rates.min() > 0.1  # drawn per frame, not fixed
+    fixed = thinned_positions(random.Random(11), 0, frames, per_frame, frames * per_frame, 0.3, max_keep=0.3)
+    assert abs(np.diff([-1] + fixed.tolist()).reshape(frames, per_frame)[:, 1:].mean() - 0.3) < 0.02
+
+
+def test_thinning_bounds_out_of_order_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "m"), "--thinning-min-keep", "0.5", "--thinning-max-keep", "0.3"])
+    assert "--thinning-max-keep" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_per_row_thinning_varies_the_rate_between_rows_of_a_frame():
