@@ -61,7 +61,7 @@ def main() -> None:
         for name, predict in predictors.items():
             said = said_count(predict(item).text)
             group[f"{name} right"] += said == item.answer
-            group[f"{name} under"] += said < item.answer
+            group[f"{name} under"] += said.isdigit() and int(said) < int(item.answer)
     print("| pairs two frames apart | items | " + " | ".join(f"{m} right | {m} under" for m in METHODS) + " |")
     print("|---" * (2 + 2 * len(METHODS)) + "|")
     for pairs in sorted(groups):
