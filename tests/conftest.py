@@ -71,9 +71,10 @@ def clip32() -> VideoClip:
 def one_intra_op_thread():
     """torch on one intra-op thread for the test, restored after.
 
-    CPU float reductions depend on how many threads split them, and the random tiny model is chaotic, so runs
-    that overlap in time can differ from a solo run by float noise that is not cross-talk. One thread makes the
-    reductions deterministic, so "equals the answer it gives alone" can be checked exactly.
+    The isolation tests check "equals the answer it gives alone" exactly, on a chaotic random model; one thread
+    keeps that comparison independent of how a thread pool splits float reductions. (The token flips CI saw in
+    these tests, first blamed on such noise, were a real race: the shared tokenizer's special-token flag, now
+    serialised in `dycoke.families`; with it fixed, overlapping runs on two threads matched solo runs bit for bit.)
     """
     import torch
 

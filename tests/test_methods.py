@@ -263,8 +263,6 @@ def test_visionzip_refuses_more_tokens_than_a_frame_has():
 
 
 def test_peer_requests_do_not_see_each_others_state(pipeline, clip8, one_intra_op_thread):
-    # one_intra_op_thread: with several intra-op threads, overlapping runs of any method, baseline included,
-    # occasionally differ from solo runs by float noise (CI saw it even at 8 frames), which is not cross-talk.
     jobs = [(clip8, configure("fastv", fastv_ratio=0.7)), (clip8, configure("fastv", fastv_layer=1)),
             (clip8, "visionzip")]
     alone = [run(pipeline, clip, method) for clip, method in jobs]

@@ -8,6 +8,7 @@ methods, DP, the traces, the CLI, the bench, the app) sees only these objects.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -19,6 +20,11 @@ from dycoke.video import FrameSize
 
 ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant\n"  # closes a question, opens its answer
 NEXT_USER_TURN = "<|im_end|>\n<|im_start|>user\n"  # closes an answer, opens the next question
+
+# A fast tokenizer's call sets the shared Rust tokenizer's `encode_special_tokens` flag, then encodes with the GIL
+# released: a question (special tokens split) and template text (special tokens meant) encoded at the same time
+# in two threads, as the app's two panes do, can each be encoded with the other's setting.
+_ENCODING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -77,14 +83,19 @@ class ModelInputs:
 
 def question_ids(tokenizer, question: str) -> list[int]:
     """The question's token ids; user text can never become chat-template special tokens."""
-    ids = tokenizer(clean_question(question), add_special_tokens=False, split_special_tokens=True).input_ids
+    ids = _encode(tokenizer, clean_question(question), split_special_tokens=True)
     check_question_tokens(len(ids))
     return ids
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
     """Template text, whose special tokens are meant."""
-    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+    return _encode(tokenizer, text, split_special_tokens=False) if text else []
+
+
+def _encode(tokenizer, text: str, split_special_tokens: bool) -> list[int]:
+    with _ENCODING:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens).input_ids
 
 
 def positions_after(positions: torch.Tensor | None, count: int) -> torch.Tensor | None:
