@@ -239,27 +239,27 @@ def test_settings_follow_the_method_and_uploads_are_checked_on_arrival(browser, 
     try:
         page.get_by_text("Settings", exact=True).click()
 
-        def visible_knobs() -> set[str]:
-            return set(page.evaluate("""() => [...document.querySelectorAll('[id^=knob-]')]
-                .filter(n => n.offsetParent !== null).map(n => n.id.slice(5))"""))
+        visible = """[...document.querySelectorAll('[id^=knob-]')].filter(n => n.offsetParent !== null)
+            .map(n => n.id.slice(5)).sort().join(',')"""
+
+        def knobs_shown(expected: set[str], what: str) -> set[str]:
+            """Wait until exactly `expected` knobs are visible (the panel opens and Gradio updates them
+            asynchronously), then return what is visible."""
+            wait_until(page, f"({visible}) === {','.join(sorted(expected))!r}", what, tmp_path)
+            return set(page.evaluate(f"() => {visible}").split(","))
 
         dycoke = {"merge_ratio", "window", "prune_layer", "prune_ratio", "reselect_threshold"}
-        assert visible_knobs() == dycoke
+        assert knobs_shown(dycoke, "DyCoke's knobs") == dycoke
         page.locator("#method input").fill("fastv")
         page.locator("#method input").press("Enter")
         page.locator("#match-budget input").wait_for(state="visible")
         # fastv matched to DyCoke's budget: its layer, and DyCoke's K, W, P that set the budget.
-        wait_until(page, "document.querySelector('#knob-fastv_layer')?.offsetParent != null", "fastv's layer knob",
-                   tmp_path)
-        assert visible_knobs() == {"fastv_layer", "merge_ratio", "window", "prune_ratio"}
+        matched = {"fastv_layer", "merge_ratio", "window", "prune_ratio"}
+        assert knobs_shown(matched, "fastv's layer and DyCoke's budget knobs") == matched
         page.locator("#match-budget input").uncheck()
-        wait_until(page, "document.querySelector('#knob-fastv_ratio')?.offsetParent != null", "fastv's ratio knob",
-                   tmp_path)
-        assert visible_knobs() == {"fastv_layer", "fastv_ratio"}
+        assert knobs_shown({"fastv_layer", "fastv_ratio"}, "fastv's own knobs") == {"fastv_layer", "fastv_ratio"}
         page.locator("#reset").click()
-        wait_until(page, "document.querySelector('#knob-reselect_threshold')?.offsetParent != null",
-                   "DyCoke's knobs after Reset", tmp_path)
-        assert visible_knobs() == dycoke
+        assert knobs_shown(dycoke, "DyCoke's knobs after Reset") == dycoke
 
         # A text file is refused with the app's own message as soon as it arrives, before any Send.
         notes = tmp_path / "notes.txt"
