@@ -228,6 +228,8 @@ def attended_budget(config: DyCokeConfig, frames: int, tokens_per_frame: int) ->
 class Report:
     model: str
     items_per_task: int
+    split: str = "test"
+    first_item: int = 0  # each task's items are first_item .. first_item + items_per_task - 1
     runs: list[dict] = field(default_factory=list)
     sweep: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -240,7 +242,7 @@ def run_table(pipeline, frames: list[int], names: list[str], match: str | None, 
               blank: bool, max_new_tokens: int, report: Report, save: Callable[[], None]) -> None:
     config = DyCokeConfig()
     for num_frames in frames:
-        suite = list(items("test", num_frames, per_task))
+        suite = list(items(report.split, num_frames, per_task, first=report.first_item))
         baseline: RunScores | None = None
         jobs = [(name, False) for name in names] + ([("baseline", True)] if blank else [])
         for name, on_blank in jobs:
@@ -262,7 +264,7 @@ def run_table(pipeline, frames: list[int], names: list[str], match: str | None, 
 
 def run_sweep(pipeline, frames: int, peers: list[str], per_task: int, max_new_tokens: int,
               report: Report, save: Callable[[], None]) -> None:
-    suite = list(items("test", frames, per_task))
+    suite = list(items(report.split, frames, per_task, first=report.first_item))
     geometry = pipeline.geometry(item_clip(suite[0]))  # Qwen-VL counts temporal groups of two frames
     groups, tokens_per_frame = geometry.groups, geometry.tokens_per_group
     dycoke = get_method("dycoke")
@@ -284,11 +286,16 @@ def run_sweep(pipeline, frames: int, peers: list[str], per_task: int, max_new_to
             save()
 
 
+def _items_described(report: Report) -> str:
+    first = f", from item {report.first_item}" if report.first_item else ""
+    return f"{report.items_per_task} {report.split} items per task{first}"
+
+
 def markdown(report: Report) -> str:
     """Per frame count: one row per method, accuracy per task, overall with its interval, retained, budgets."""
     lines = []
     for frames in sorted({run["frames"] for run in report.runs}):
-        lines += [f"\n**{frames} frames** ({report.items_per_task} test items per task)\n",
+        lines += [f"\n**{frames} frames** ({_items_described(report)})\n",
                   "| method | " + " | ".join(TASKS) + " | overall (95% CI) | retained | prefill / attended | "
                   "reselect |", "|---" * (len(TASKS) + 5) + "|"]
         for run in (r for r in report.runs if r["frames"] == frames):
@@ -374,7 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--match", default=None, metavar="METHOD",
                         help="match every matchable peer's attended budget to METHOD's (e.g. dycoke)")
     parser.add_argument("--per-task", type=int, default=TEST_ITEMS_PER_TASK,
-                        help=f"test items per task, the first N of each (default all {TEST_ITEMS_PER_TASK})")
+                        help=f"items per task (default {TEST_ITEMS_PER_TASK}, the whole test split)")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="validation: choose between models there, and report the test split (default test)")
+    parser.add_argument("--first-item", type=int, default=0,
+                        help="each task's first item index (default 0); the validation split has no end")
     parser.add_argument("--blank", action="store_true", help="also score the baseline on blank clips")
     parser.add_argument("--sweep", action="store_true", help="also run the accuracy-versus-budget sweep")
     parser.add_argument("--sweep-frames", type=int, default=16)
@@ -398,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
             resolve_method(name, args.match)
         if args.per_task < 1 or args.sweep_per_task < 1 or any(not 8 <= f <= 256 for f in frames):
             raise ValueError("--per-task must be >= 1 and every frame count in 8..256")
+        if args.first_item < 0:
+            raise ValueError("--first-item must be >= 0")
+        if args.split == "test" and args.first_item + max(args.per_task, args.sweep_per_task) > TEST_ITEMS_PER_TASK:
+            raise ValueError(f"the test split has {TEST_ITEMS_PER_TASK} items per task: --first-item plus "
+                             "--per-task (and --sweep-per-task) must stay within them")
     except (ValueError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -410,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     started = time.monotonic()
-    report = Report(pipeline.loaded.name, args.per_task)
+    report = Report(pipeline.loaded.name, args.per_task, args.split, args.first_item)
 
     def save() -> None:
         report.seconds = round(time.monotonic() - started, 1)

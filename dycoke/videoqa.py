@@ -102,12 +102,12 @@ def make_item(split: str, task: str, index: int, num_frames: int) -> Item:
     return Item(f"{split}-{task}-{index:05d}-f{num_frames}", task, question, answer, response, frames)
 
 
-def items(split: str, num_frames: int, per_task: int | None = None, tasks: tuple[str, ...] = TASKS
-          ) -> Iterator[Item]:
-    """The split's items, task by task (the test split has TEST_ITEMS_PER_TASK per task unless told)."""
+def items(split: str, num_frames: int, per_task: int | None = None, tasks: tuple[str, ...] = TASKS,
+          first: int = 0) -> Iterator[Item]:
+    """The split's items `first` to `first + per_task - 1`, task by task (TEST_ITEMS_PER_TASK unless told)."""
     count = per_task if per_task is not None else TEST_ITEMS_PER_TASK
     for task in tasks:
-        for index in range(count):
+        for index in range(first, first + count):
             yield make_item(split, task, index, num_frames)
 
 

@@ -89,7 +89,8 @@ def test_the_real_pipeline_reports_the_budgets_of_the_rules(pipeline):
 
 
 def test_cli_refuses_bad_arguments_in_one_line():
-    for args in (["--methods", "nope"], ["--frames", "4"], ["--per-task", "0"], ["--frames", "x"]):
+    for args in (["--methods", "nope"], ["--frames", "4"], ["--per-task", "0"], ["--frames", "x"],
+                 ["--first-item", "-1"], ["--first-item", "100", "--per-task", "40"]):
         done = subprocess.run([sys.executable, "-m", "dycoke.eval", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 1, (args, done.stderr)
@@ -166,3 +167,19 @@ def test_trace_evidence_counts_kept_tokens_and_the_focus_on_their_frames():
     share_2 = (49.5 / 99) / (399.5 / 799)
     assert evidence.focus == pytest.approx(round((share_1 + share_2) / 2, 4))
     assert trace_evidence(Item("y", "static", "q", "red", "r", block_clip()), trace) is None
+
+
+def test_a_validation_run_scores_the_validation_items_from_the_first_index(monkeypatch):
+    asked: list[str] = []
+
+    def predictor(pipeline, method, config, max_new_tokens):
+        def predict(item):
+            asked.append(item.id)
+            return Prediction("banana", 100, 30.0, 4, 1)
+        return predict
+
+    monkeypatch.setattr("dycoke.eval.pipeline_predictor", predictor)
+    report = Report("fake", 2, "validation", 16)
+    run_table(None, [8], ["baseline"], None, 2, False, 3, report, lambda: None)
+    assert asked == [f"validation-{task}-{index:05d}-f8" for task in TASKS for index in (16, 17)]
+    assert "(2 validation items per task, from item 16)" in markdown(report)
