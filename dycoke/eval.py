@@ -411,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--per-task must be >= 1 and every frame count in 8..256")
         if args.first_item < 0:
             raise ValueError("--first-item must be >= 0")
-        if args.split == "test" and args.first_item + max(args.per_task, args.sweep_per_task) > TEST_ITEMS_PER_TASK:
+        needed = max(args.per_task, args.sweep_per_task if args.sweep else 0)
+        if args.split == "test" and args.first_item + needed > TEST_ITEMS_PER_TASK:
             raise ValueError(f"the test split has {TEST_ITEMS_PER_TASK} items per task: --first-item plus "
                              "--per-task (and --sweep-per-task) must stay within them")
     except (ValueError, ConfigError) as error:

@@ -90,7 +90,8 @@ def test_the_real_pipeline_reports_the_budgets_of_the_rules(pipeline):
 
 def test_cli_refuses_bad_arguments_in_one_line():
     for args in (["--methods", "nope"], ["--frames", "4"], ["--per-task", "0"], ["--frames", "x"],
-                 ["--first-item", "-1"], ["--first-item", "100", "--per-task", "40"]):
+                 ["--first-item", "-1"], ["--first-item", "100", "--per-task", "40"],
+                 ["--first-item", "110", "--per-task", "10", "--sweep"]):
         done = subprocess.run([sys.executable, "-m", "dycoke.eval", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 1, (args, done.stderr)
