@@ -387,9 +387,10 @@ def export(directory: Path, split: str, num_frames: int, fps: int, per_task: int
     return written
 
 
-# The app's examples: test items of the tasks the trained `tiny` model has learned, which it answers correctly
-# (checked by tests/test_tiny_model.py through the MP4 files, as the app reads them).
-EXAMPLES = (("static", 0), ("needle", 2), ("change", 3))
+# The app's examples: test items of the tasks the trained `tiny` model has learned, which it answers correctly with
+# every token and with DyCoke (checked by tests/test_tiny_model.py through the MP4 files, as the app reads them).
+# `change` was item 3 until 2026-12-05; under DyCoke the current `tiny` calls its background orange (README, Accuracy).
+EXAMPLES = (("static", 0), ("needle", 2), ("change", 4))
 EXAMPLE_FRAMES = 16
 
 

@@ -17,7 +17,6 @@ from dycoke.videoqa import EXAMPLE_FRAMES, EXAMPLES, is_correct, make_item
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "assets" / "models" / "tiny"
-CANDIDATE = ROOT / "assets" / "models" / "tiny-soup"
 EXAMPLES_DIR = ROOT / "assets" / "examples"
 
 
@@ -51,29 +50,10 @@ def test_the_examples_on_disk_are_the_suites_items():
         (task, make_item("test", task, index, EXAMPLE_FRAMES).id) for task, index in EXAMPLES]
 
 
-@pytest.fixture(scope="module")
-def candidate():
-    return Pipeline(load(str(CANDIDATE), device="cpu"))
-
-
-def assert_example_answered(pipeline: Pipeline, task: str, index: int) -> None:
+@pytest.mark.parametrize("method", ["baseline", "dycoke"])
+@pytest.mark.parametrize("task,index", EXAMPLES)
+def test_the_app_examples_are_answered_correctly_from_their_mp4_files(trained, task, index, method):
     item = make_item("test", task, index, EXAMPLE_FRAMES)
-    result = pipeline.answer(EXAMPLES_DIR / f"{task}.mp4", item.question, method="baseline",
-                             num_frames=EXAMPLE_FRAMES, max_new_tokens=8)
-    assert is_correct(result.answer, item), (task, result.answer, item.response)
-
-
-@pytest.mark.parametrize("task,index", EXAMPLES)
-def test_the_app_examples_are_answered_correctly_from_their_mp4_files(trained, task, index):
-    assert_example_answered(trained, task, index)
-
-
-def test_the_candidate_is_a_regular_checkpoint_under_the_size_limit(candidate):
-    assert (CANDIDATE / "model.safetensors").stat().st_size < 8 * 1024 * 1024
-    assert not candidate.loaded.is_random
-    assert candidate.loaded.model.config.text_config.num_hidden_layers >= 6
-
-
-@pytest.mark.parametrize("task,index", EXAMPLES)
-def test_the_candidate_tiny_soup_answers_the_app_examples_with_every_token(candidate, task, index):
-    assert_example_answered(candidate, task, index)
+    result = trained.answer(EXAMPLES_DIR / f"{task}.mp4", item.question, method=method,
+                            num_frames=EXAMPLE_FRAMES, max_new_tokens=8)
+    assert is_correct(result.answer, item), (task, method, result.answer, item.response)
