@@ -10,10 +10,10 @@ For a `static` test item (16 identical frames) it prints the teacher-forced marg
 2. masks that are not TTM's at all: anchors whole and every other frame a prefix of n tokens, for n around 137.
 
 With `--tasks N` it scores instead the first N items (of `--split`, test by default) of `motion`, `needle` and
-`count` at 16 frames: how many have a positive margin (the answer word wins once the rest of the sentence is given)
-with every token, with every token but each frame's tokens in a random order (can the model tell where a patch is
-from the token alone?), with TTM's tokens at the pipeline's contiguous positions, and with TTM's tokens at their
-uncompressed positions.
+`count` (or the tasks of `--task-names`) at 16 frames: how many have a positive margin (the answer word wins once
+the rest of the sentence is given) with every token, with every token but each frame's tokens in a random order (can
+the model tell where a patch is from the token alone?), with TTM's tokens at the pipeline's contiguous positions, and
+with TTM's tokens at their uncompressed positions.
 """
 
 from __future__ import annotations
@@ -99,12 +99,13 @@ def every_token(features: torch.Tensor) -> torch.Tensor:
     return torch.ones(features.shape[:2], dtype=torch.bool)
 
 
-def score_tasks(pipeline: Pipeline, per_task: int, split: str = "test") -> None:
+def score_tasks(pipeline: Pipeline, per_task: int, split: str = "test",
+                tasks: tuple[str, ...] = ("motion", "needle", "count")) -> None:
     ttm = ttm_at(0.7)
     variants = {"every token": (FixedMask(every_token), "compact"),
                 "every token, shuffled within frames": (FixedMask(every_token), "shuffled"),
                 "TTM, contiguous": (ttm, "compact"), "TTM, uncompressed positions": (ttm, "original")}
-    for task in ("motion", "needle", "count"):
+    for task in tasks:
         right = dict.fromkeys(variants, 0)
         for index in range(per_task):
             item = make_item(split, task, index, 16)
@@ -118,11 +119,12 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="tiny or a checkpoint directory")
     parser.add_argument("--tasks", type=int, default=0, metavar="N", help="score N items per temporal task")
     parser.add_argument("--split", default="test", help="the suite's split for --tasks (default test)")
+    parser.add_argument("--task-names", default="motion,needle,count", help="the tasks --tasks scores")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipeline = Pipeline(load(args.model))
     if args.tasks:
-        return score_tasks(pipeline, args.tasks, args.split)
+        return score_tasks(pipeline, args.tasks, args.split, tuple(args.task_names.split(",")))
     item = make_item("test", "static", 0, 16)
     print(f"{item.id}: {item.question} -> {item.answer}")
     for ratio in (0.25, 0.3, 0.35, 0.5):
